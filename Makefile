@@ -1,0 +1,73 @@
+# rec: everything a user runs goes through these targets. `make help` lists them.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+REC := $(VENV)/bin/rec
+DATASET ?= industrial
+ENV ?= dev
+RUN ?=
+export JAX_PLATFORMS ?= cpu
+
+.DEFAULT_GOAL := help
+
+help: ## list the targets
+	@grep -E '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
+
+# The virtual environment is created on first use: CPU JAX plus test tools, pinned.
+$(VENV)/.ok: pyproject.toml requirements/ci.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements/ci.txt
+	$(PY) -m pip install -q --no-deps -e .
+	@touch $@
+
+venv: $(VENV)/.ok ## create .venv (CPU JAX, test tools)
+
+demo: $(VENV)/.ok ## whole pipeline on generated data, on CPU; prints the report path
+	$(REC) demo --out runs/demo
+
+test: $(VENV)/.ok ## the test suite (CPU; includes the slow end-to-end tests)
+	$(PY) -m pytest -q -n 2 --dist loadgroup
+
+test-fast: $(VENV)/.ok ## the test suite without tests marked slow
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow"
+
+lint: $(VENV)/.ok ## ruff
+	$(VENV)/bin/ruff check rec tools tests
+
+bench: $(VENV)/.ok ## eval benchmark on the tiny shape with the real Office valid split
+	$(REC) bench eval --shape tiny --beams 50 --data ../shared/data/minionerec/Office_Products
+
+# ---- GKE TPU deployment (see README "Deployment") ---------------------------------------------
+render: $(VENV)/.ok ## render k8s manifests for DATASET (and GRPO) into k8s/rendered/
+	$(PY) tools/render.py render --env $(ENV) --dataset $(DATASET)
+
+validate: $(VENV)/.ok ## validate rendered manifests (JobSet CRD schema, batch/v1, GKE TPU rules)
+	$(PY) tools/render.py validate
+
+train: $(VENV)/.ok ## render, validate, submit and wait for the train JobSet of DATASET
+	$(PY) tools/render.py train --env $(ENV) --dataset $(DATASET)
+
+upload: $(VENV)/.ok ## publish the trained checkpoint to the verified handoff prefix
+	$(PY) tools/render.py upload --env $(ENV) --dataset $(DATASET)
+
+eval: $(VENV)/.ok ## evaluate the verified handoff on a v6e-8 host
+	$(PY) tools/render.py eval --env $(ENV) --dataset $(DATASET)
+
+pipeline: $(VENV)/.ok ## train -> upload -> eval, stopping at the first failure
+	$(PY) tools/render.py pipeline --env $(ENV) --dataset $(DATASET)
+
+grpo: $(VENV)/.ok ## GSM8K GRPO on GKE (rollout fast paths on unless ROLLOUT_FAST_*=0)
+	$(PY) tools/render.py grpo --env $(ENV)
+
+status: $(VENV)/.ok ## status of this dataset's JobSets
+	$(PY) tools/render.py status --env $(ENV) --dataset $(DATASET)
+
+image: ## build the container image with docker or buildah
+	bash image/build.sh
+
+clean: ## remove runs/ and rendered manifests
+	rm -rf runs k8s/rendered
+
+.PHONY: help venv demo test test-fast lint bench render validate train upload eval pipeline grpo status image clean

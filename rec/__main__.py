@@ -1,0 +1,5 @@
+import sys
+
+from rec.cli import main
+
+sys.exit(main())

@@ -1,0 +1,212 @@
+"""`rec` command line: one entry point, subcommands dispatch to the stage modules.
+
+Heavy modules (jax, transformers) are imported inside each handler so `rec --help` is instant and
+a bad config is reported before any accelerator initialises. Every `RecError` becomes one line on
+stderr and exit status 2; Ctrl-C exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from rec.errors import RecError
+
+
+def _config_command(sub, name: str, help_text: str, default_config: str | None = None):
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    p.add_argument("--config", default=default_config, help="YAML run config (configs/...)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=100")
+    return p
+
+
+def _load(args):
+    from rec.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_sft(args):
+    from rec.train.sft import run_sft
+
+    run_sft(_load(args))
+
+
+def cmd_rl(args):
+    from rec.train.rl import run_rl
+
+    run_rl(_load(args))
+
+
+def cmd_grpo(args):
+    from rec.train.grpo import run_grpo
+
+    run_grpo(_load(args))
+
+
+def cmd_eval(args):
+    from rec.eval.evaluate import run_eval
+
+    run_eval(_load(args))
+
+
+def cmd_demo(args):
+    from rec.demo import run_demo
+
+    run_demo(out=args.out, rl=not args.no_rl, quick=args.quick)
+
+
+def cmd_data_synth(args):
+    from rec.data.synth import synthesize
+
+    path = synthesize(args.out, users=args.users, items=args.items, seed=args.seed, levels=args.levels)
+    print(path)
+
+
+def cmd_data_check(args):
+    from rec.data.check import check_dataset
+
+    problems = check_dataset(args.dir, max_problems=args.max_problems)
+    for line in problems:
+        print(line)
+    if problems:
+        raise RecError(f"{args.dir}: {len(problems)} problem(s) found (listed above)")
+    print(f"{args.dir}: ok")
+
+
+def cmd_tokenizer_build(args):
+    from rec.tokenizer import build_tokenizer
+
+    print(build_tokenizer(args.dataset, args.out, vocab_size=args.vocab_size))
+
+
+def cmd_metrics(args):
+    from rec.eval.metrics import metrics_main
+
+    metrics_main(args.predictions, args.info, as_json=args.json)
+
+
+def cmd_export(args):
+    from rec.model.hf_io import export_model
+
+    print(export_model(args.model, args.out, checkpoint=args.checkpoint, dtype=args.dtype))
+
+
+def cmd_bench(args):
+    from rec.bench import run_bench
+
+    run_bench(args)
+
+
+def cmd_baselines(args):
+    from rec.eval.baselines import run_baselines
+
+    run_baselines(args.data, split=args.split, out=args.out)
+
+
+def cmd_recipe(args):
+    from rec.recipe import write_recipe
+
+    print(write_recipe(args.name, args.out))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rec",
+        description="Generative recommendation with semantic IDs (SFT, RL, eval) and GSM8K GRPO in JAX.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    _config_command(sub, "sft", "Supervised fine-tuning on the MiniOneRec task mixture").set_defaults(fn=cmd_sft)
+    _config_command(sub, "rl", "Recommendation RL (GRPO with constrained-beam rollouts)").set_defaults(fn=cmd_rl)
+    _config_command(sub, "eval", "Constrained beam search eval: HR@K / NDCG@K").set_defaults(fn=cmd_eval)
+    _config_command(sub, "grpo", "GRPO post-training on GSM8K").set_defaults(fn=cmd_grpo)
+
+    p = sub.add_parser("demo", help="Whole pipeline on generated data, on CPU, with an HTML report")
+    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    p.add_argument("--no-rl", action="store_true", help="skip the RL stage")
+    p.add_argument("--quick", action="store_true", help="smallest settings (used by tests)")
+    p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("data", help="Dataset tools")
+    dsub = p.add_subparsers(dest="data_command", metavar="ACTION")
+    dsub.required = True
+    s = dsub.add_parser("synth", help="Generate a MiniOneRec-format dataset with learnable structure")
+    s.add_argument("--out", required=True)
+    s.add_argument("--users", type=int, default=600)
+    s.add_argument("--items", type=int, default=240)
+    s.add_argument("--levels", type=int, default=3, help="SID depth (3 or 4)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_data_synth)
+    c = dsub.add_parser("check", help="Validate every file of a dataset directory (file:row: message)")
+    c.add_argument("dir")
+    c.add_argument("--max-problems", type=int, default=50)
+    c.set_defaults(fn=cmd_data_check)
+
+    p = sub.add_parser("tokenizer", help="Tokenizer tools")
+    tsub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION")
+    tsub.required = True
+    b = tsub.add_parser("build", help="Train a small byte-level BPE on a dataset's text, with its SID tokens")
+    b.add_argument("--dataset", required=True)
+    b.add_argument("--out", required=True)
+    b.add_argument("--vocab-size", type=int, default=512)
+    b.set_defaults(fn=cmd_tokenizer_build)
+
+    p = sub.add_parser("metrics", help="HR@K / NDCG@K from eval_predictions.json, as upstream calc.py")
+    p.add_argument("--predictions", required=True)
+    p.add_argument("--info", required=True, help="info file (SID \\t title \\t item id) or dataset directory")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(fn=cmd_metrics)
+
+    p = sub.add_parser("export", help="Write a checkpoint as a Hugging Face model directory")
+    p.add_argument("--model", required=True, help="run directory or HF directory")
+    p.add_argument("--checkpoint", default="", help="tag inside a run directory (default: newest of rl_last, sft_best)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("bench", help="Measure speed; prints one JSON object")
+    p.add_argument("what", choices=["eval", "sft", "rollout", "rl"])
+    p.add_argument("--shape", default="tiny")
+    p.add_argument("--beams", type=int, default=50)
+    p.add_argument("--batch", type=int, default=0, help="prompts (eval/rl) or sequences (sft, rollout) per call")
+    p.add_argument("--data", default="", help="MiniOneRec dataset directory (eval, rl)")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--prompt-len", type=int, default=256)
+    p.add_argument("--gen-len", type=int, default=512)
+    p.add_argument("--fast", default="auto", choices=["auto", "on", "off"], help="rollout fast paths")
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.set_defaults(fn=cmd_bench)
+
+    p = sub.add_parser("baselines", help="Non-LLM baselines (popularity, item-to-item) on a dataset split")
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="test")
+    p.add_argument("--out", default="")
+    p.set_defaults(fn=cmd_baselines)
+
+    p = sub.add_parser("recipe", help="Write a ready set of configs for a named setting")
+    p.add_argument("name", choices=["small-cpu"])
+    p.add_argument("--out", default="configs/recipes/small-cpu")
+    p.set_defaults(fn=cmd_recipe)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.fn(args)
+    except RecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

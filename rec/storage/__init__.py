@@ -1,0 +1,180 @@
+"""Paths that may be local or gs://: read, write (atomically), list, check.
+
+Every artifact a run writes goes through `write_bytes`/`write_text`, which never leave a
+half-written file behind: locally they write a temporary file in the same directory and rename it;
+on GCS an object upload is atomic by itself. google-cloud-storage is imported only for gs:// paths.
+The verified handoff (no-clobber uploads, CRC32C, MANIFEST.json) lives in `rec.storage.handoff`.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import tempfile
+
+from rec.errors import RecError
+
+
+def is_gcs(path: str) -> bool:
+    return str(path).startswith("gs://")
+
+
+def join(base: str, *parts: str) -> str:
+    if is_gcs(base):
+        return posixpath.join(base, *parts)
+    return os.path.join(base, *parts)
+
+
+def split_gcs(path: str) -> tuple[str, str]:
+    """gs://bucket/a/b -> ("bucket", "a/b")."""
+    rest = path[len("gs://") :]
+    bucket, _, name = rest.partition("/")
+    if not bucket:
+        raise RecError(f"{path}: not a gs://bucket/path URL")
+    return bucket, name
+
+
+_CLIENT = None
+
+
+def gcs_client():
+    """A google.cloud.storage Client (honours STORAGE_EMULATOR_HOST for tests)."""
+    global _CLIENT
+    if _CLIENT is None:
+        try:
+            from google.cloud import storage as gcs  # noqa: PLC0415 (optional dependency)
+        except ImportError:  # pragma: no cover - depends on the environment
+            raise RecError("gs:// paths need google-cloud-storage: pip install 'rec[gcs]'") from None
+        if os.environ.get("STORAGE_EMULATOR_HOST"):
+            from google.auth.credentials import AnonymousCredentials
+
+            _CLIENT = gcs.Client(project=os.environ.get("GCS_PROJECT", "test"), credentials=AnonymousCredentials())
+        else:
+            _CLIENT = gcs.Client()
+    return _CLIENT
+
+
+def reset_client() -> None:
+    """Forget the cached client (tests that start a new emulator)."""
+    global _CLIENT
+    _CLIENT = None
+
+
+def _blob(path: str):
+    bucket, name = split_gcs(path)
+    return gcs_client().bucket(bucket).blob(name)
+
+
+def exists(path: str) -> bool:
+    if is_gcs(path):
+        if _blob(path).exists():
+            return True
+        bucket, name = split_gcs(path)
+        prefix = name.rstrip("/") + "/"
+        return any(True for _ in gcs_client().list_blobs(bucket, prefix=prefix, max_results=1))
+    return os.path.exists(path)
+
+
+def isdir(path: str) -> bool:
+    if is_gcs(path):
+        bucket, name = split_gcs(path)
+        prefix = name.rstrip("/") + "/"
+        return any(True for _ in gcs_client().list_blobs(bucket, prefix=prefix, max_results=1))
+    return os.path.isdir(path)
+
+
+def read_bytes(path: str) -> bytes:
+    if is_gcs(path):
+        blob = _blob(path)
+        if not blob.exists():
+            raise RecError(f"{path}: not found")
+        return blob.download_as_bytes()
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise RecError(f"{path}: not found") from None
+    except IsADirectoryError:
+        raise RecError(f"{path}: is a directory, expected a file") from None
+
+
+def read_text(path: str) -> str:
+    data = read_bytes(path)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write a whole file atomically (no partial file is ever visible under `path`)."""
+    if is_gcs(path):
+        _blob(path).upload_from_string(data)
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(path: str, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def append_text(path: str, text: str) -> None:
+    """Append (metrics.jsonl). On GCS objects are immutable, so this rewrites the object."""
+    if is_gcs(path):
+        old = read_bytes(path) if exists(path) else b""
+        write_bytes(path, old + text.encode("utf-8"))
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(text)
+
+
+def listdir(path: str) -> list[str]:
+    """Names directly under a directory/prefix (files and sub-directories), sorted."""
+    if is_gcs(path):
+        bucket, name = split_gcs(path)
+        prefix = name.rstrip("/") + "/" if name else ""
+        it = gcs_client().list_blobs(bucket, prefix=prefix, delimiter="/")
+        names = [b.name[len(prefix) :] for b in it]
+        names += [p[len(prefix) :].rstrip("/") for p in it.prefixes]
+        return sorted(n for n in names if n)
+    if not os.path.isdir(path):
+        raise RecError(f"{path}: not a directory")
+    return sorted(os.listdir(path))
+
+
+def makedirs(path: str) -> None:
+    if not is_gcs(path):
+        os.makedirs(path, exist_ok=True)
+
+
+def local_copy(path: str, cache_dir: str | None = None) -> str:
+    """A local directory/file holding `path` (downloads gs:// prefixes; local paths pass through)."""
+    if not is_gcs(path):
+        return path
+    bucket, name = split_gcs(path)
+    target = cache_dir or tempfile.mkdtemp(prefix="rec-gcs-")
+    prefix = name.rstrip("/")
+    blobs = list(gcs_client().list_blobs(bucket, prefix=prefix + "/"))
+    if not blobs:  # a single object
+        out = os.path.join(target, posixpath.basename(prefix))
+        write_bytes(out, read_bytes(path))
+        return out
+    for blob in blobs:
+        rel = blob.name[len(prefix) + 1 :]
+        if not rel or rel.endswith("/"):
+            continue
+        dest = os.path.join(target, rel)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        blob.download_to_filename(dest)
+    return target

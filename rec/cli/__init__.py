@@ -28,27 +28,31 @@ def _load(args):
 
 
 def cmd_sft(args):
+    cfg = _load(args)  # config errors before any heavy import
     from rec.train.sft import run_sft
 
-    run_sft(_load(args))
+    run_sft(cfg)
 
 
 def cmd_rl(args):
+    cfg = _load(args)  # config errors before any heavy import
     from rec.train.rl import run_rl
 
-    run_rl(_load(args))
+    run_rl(cfg)
 
 
 def cmd_grpo(args):
+    cfg = _load(args)  # config errors before any heavy import
     from rec.train.grpo import run_grpo
 
-    run_grpo(_load(args))
+    run_grpo(cfg)
 
 
 def cmd_eval(args):
+    cfg = _load(args)  # config errors before any heavy import
     from rec.eval.evaluate import run_eval
 
-    run_eval(_load(args))
+    run_eval(cfg)
 
 
 def cmd_demo(args):

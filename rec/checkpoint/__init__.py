@@ -1,1 +1,228 @@
-"""rec.checkpoint"""
+"""Orbax checkpoints of the train state under `run_dir/checkpoints/<tag>/<step>/`.
+
+Layout of one checkpoint (an Orbax CheckpointManager step, finalised atomically):
+
+    checkpoints/<tag>/<step>/params/         parameters (sharded arrays, OCDBT)
+                              rest/           everything else in the state: optimizer state,
+                                              step, rng, data position
+                              meta/           JSON: model shape (HF config dict), data position,
+                                              config, metrics, stage
+
+- ALL processes call `save` and `restore` with the same arguments: each writes/reads its own
+  shards, so no artifact lives only on "the process-0 host". `gs://` paths go straight to GCS
+  (tensorstore), no local staging.
+- One step is kept per tag (`max_to_keep=1`): `sft_best` moves when validation improves,
+  `sft_last`/`rl_last` at each save. A step that was not finalised (killed mid-save) is invisible
+  to `latest_step` and cleaned up by Orbax.
+- Parameters are their own item, so `load_params` reads them without the optimizer state
+  (eval, export, RL initialisation).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from rec import storage
+from rec.errors import RecError
+
+log = logging.getLogger("rec.checkpoint")
+
+
+
+def _ocp():
+    import orbax.checkpoint as ocp
+
+    return ocp
+
+
+def tag_dir(run_dir: str, tag: str) -> str:
+    if not tag or "/" in tag or tag.startswith("."):
+        raise RecError(f"checkpoint tag {tag!r} is not a plain name (e.g. sft_best)")
+    return storage.join(str(run_dir), "checkpoints", tag)
+
+
+def _abs(path: str) -> str:
+    if storage.is_gcs(path):
+        return path
+    import os
+
+    return os.path.abspath(path)
+
+
+def _manager(directory: str, create: bool):
+    ocp = _ocp()
+    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=create, enable_async_checkpointing=False)
+    return ocp.CheckpointManager(_abs(directory), options=options)
+
+
+def _as_items(state: Any) -> dict:
+    """{"params": ..., "rest": {every other top-level entry}} (Orbax items must be trees, not
+    bare scalars, and params stay separate so they can be read alone)."""
+    items = state.as_dict() if hasattr(state, "as_dict") else dict(state)
+    if "params" not in items:
+        raise RecError("checkpoint state must have a 'params' item")
+    rest = {k: v for k, v in items.items() if k != "params"}
+    return {"params": items["params"], "rest": rest} if rest else {"params": items["params"]}
+
+
+def _from_items(restored: Any, names: tuple[str, ...]) -> dict:
+    values = {"params": restored["params"]}
+    if "rest" in names:
+        values.update(restored["rest"])
+    return values
+
+
+def save(run_dir: str, tag: str, state: Any, step: int, meta: dict | None = None) -> str:
+    """Write `state` (a TrainState or a dict of pytrees) as step `step` of `tag`; returns the path.
+
+    Called by every process. `meta` must be JSON-serialisable. Saving a step that already exists
+    for the tag is skipped (a resumed run reaching the same step holds the same state).
+    """
+    ocp = _ocp()
+    directory = tag_dir(run_dir, tag)
+    manager = _manager(directory, create=True)
+    try:
+        step = int(step)
+        if step in manager.all_steps():
+            log.info("checkpoint %s step %d exists; not rewritten", tag, step)
+            return storage.join(directory, str(step))
+        items = _as_items(state)
+        args = {name: ocp.args.StandardSave(value) for name, value in items.items()}
+        args["meta"] = ocp.args.JsonSave(dict(meta or {}, step=step, tag=tag))
+        manager.save(step, args=ocp.args.Composite(**args), force=True)
+        manager.wait_until_finished()
+    finally:
+        manager.close()
+    return storage.join(directory, str(step))
+
+
+def latest_step(run_dir: str, tag: str) -> int | None:
+    """The newest finalised step of `tag`, or None when there is none."""
+    directory = tag_dir(run_dir, tag)
+    if not storage.exists(directory):
+        return None
+    manager = _manager(directory, create=False)
+    try:
+        return manager.latest_step()
+    finally:
+        manager.close()
+
+
+def read_meta(run_dir: str, tag: str, step: int | None = None) -> dict:
+    """The JSON metadata saved with a checkpoint (newest step unless given)."""
+    ocp = _ocp()
+    step = _resolve_step(run_dir, tag, step)
+    manager = _manager(tag_dir(run_dir, tag), create=False)
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(restored["meta"])
+    finally:
+        manager.close()
+
+
+def _resolve_step(run_dir: str, tag: str, step: int | None) -> int:
+    if step is None:
+        step = latest_step(run_dir, tag)
+    if step is None:
+        raise RecError(f"{tag_dir(run_dir, tag)}: no checkpoint found")
+    return int(step)
+
+
+def restore(run_dir: str, tag: str, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
+    """Restore a state onto the shardings of `abstract_state` (ShapeDtypeStructs with shardings,
+    e.g. rec.train.state.abstract_state). Returns (state of the same type, meta)."""
+    ocp = _ocp()
+    step = _resolve_step(run_dir, tag, step)
+    items = _as_items(abstract_state)
+    args = {name: ocp.args.StandardRestore(value) for name, value in items.items()}
+    args["meta"] = ocp.args.JsonRestore()
+    manager = _manager(tag_dir(run_dir, tag), create=False)
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(**args))
+    except (ValueError, KeyError, FileNotFoundError) as exc:
+        raise RecError(f"{tag_dir(run_dir, tag)}/{step}: cannot restore ({str(exc).splitlines()[0]})") from None
+    finally:
+        manager.close()
+    values = _from_items(restored, tuple(items))
+    meta = dict(restored["meta"])
+    if hasattr(abstract_state, "as_dict"):
+        return type(abstract_state).from_dict(values), meta
+    return values, meta
+
+
+def params_metadata(run_dir: str, tag: str, step: int | None = None) -> Any:
+    """Shape/dtype tree of the saved parameters (no array data read)."""
+    step = _resolve_step(run_dir, tag, step)
+    manager = _manager(tag_dir(run_dir, tag), create=False)
+    try:
+        tree = manager.item_metadata(step)["params"]
+    finally:
+        manager.close()
+    if tree is None:
+        raise RecError(f"{tag_dir(run_dir, tag)}/{step}: checkpoint has no params item")
+    return getattr(tree, "tree", tree)
+
+
+def list_tags(run_dir: str) -> list[str]:
+    """Tags of `run_dir` with at least one finalised checkpoint."""
+    root = storage.join(str(run_dir), "checkpoints")
+    if not storage.isdir(root):
+        return []
+    names = [n for n in storage.listdir(root) if n and not n.startswith(".")]
+    return [tag for tag in names if latest_step(run_dir, tag) is not None]
+
+
+# Which checkpoint "the model of this run" means when no tag is named (export, report).
+PREFERRED_TAGS = ("rl_last", "rl_best", "sft_best", "sft_last")
+
+
+def preferred_tag(run_dir: str) -> str:
+    tags = list_tags(run_dir)
+    for tag in PREFERRED_TAGS:
+        if tag in tags:
+            return tag
+    if tags:
+        return tags[0]
+    raise RecError(f"{run_dir}: no checkpoints in this run directory")
+
+
+def load_params(run_dir: str, tag: str, mesh=None, rules=None, step: int | None = None, dtype: str | None = None):
+    """(shape, params) of a checkpoint for inference: parameters only, no optimizer state.
+
+    `tag` "" = the run's preferred model (rl_last, rl_best, sft_best, sft_last: first present).
+    Parameters are restored straight onto `mesh` with the partition `rules` (default: all devices
+    on "fsdp" and the model's PARTITION_RULES). `dtype` ("bfloat16"/"float32") casts on restore.
+    """
+    ocp = _ocp()
+    from rec import dist
+    from rec.model.qwen2 import PARTITION_RULES, ModelShape
+
+    tag = tag or preferred_tag(run_dir)
+    step = _resolve_step(run_dir, tag, step)
+    meta = read_meta(run_dir, tag, step)
+    if "model_config" not in meta:
+        raise RecError(f"{tag_dir(run_dir, tag)}/{step}: checkpoint metadata has no model_config")
+    shape = ModelShape.from_hf_config(meta["model_config"])
+    mesh = mesh if mesh is not None else dist.make_mesh("auto")
+    rules = PARTITION_RULES if rules is None else rules
+    saved = params_metadata(run_dir, tag, step)
+    target_dtype = None if not dtype else jnp.dtype(dtype)
+    abstract = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), target_dtype or m.dtype), saved, is_leaf=_is_array_meta
+    )
+    shardings = dist.param_shardings(abstract, mesh, rules)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    manager = _manager(tag_dir(run_dir, tag), create=False)
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
+    finally:
+        manager.close()
+    return shape, restored["params"]
+
+
+def _is_array_meta(x: Any) -> bool:
+    return hasattr(x, "shape") and hasattr(x, "dtype")

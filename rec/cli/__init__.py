@@ -112,7 +112,7 @@ def cmd_baselines(args):
 def cmd_recipe(args):
     from rec.recipe import write_recipe
 
-    print(write_recipe(args.name, args.out))
+    print(write_recipe(args.name, args.out, data_dir=args.data))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("recipe", help="Write a ready set of configs for a named setting")
     p.add_argument("name", choices=["small-cpu"])
     p.add_argument("--out", default="configs/recipes/small-cpu")
+    p.add_argument("--data", default="", help="MiniOneRec dataset directory written into the configs")
     p.set_defaults(fn=cmd_recipe)
     return parser
 

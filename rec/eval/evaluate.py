@@ -1,0 +1,238 @@
+"""`rec eval`: constrained beam search over a dataset split, scored as upstream calc.py.
+
+Steps (reference/minionerec-upstream.md §8, §11):
+1. read the catalogue and ALL rows of `data.split` (or the first `eval.limit`); every target and
+   history SID must be in the catalogue (`file:line: unknown SID` otherwise);
+2. build upstream's eval prompt per row (`eval.prompt=eval`: evaluate.py's wording; `sft`: the SFT
+   next-SID wording), header and body tokenized separately;
+3. group rows by prompt length into a few buckets, cut each bucket into batches of exactly
+   `eval.batch_size` prompts (the last one filled with repeats), left-pad to the bucket length: one
+   compiled decode program per bucket, fixed shapes on device;
+4. `constrained_beam_search` with `eval.beams` beams; decoded SIDs are mapped back to row order;
+5. write `eval_predictions.json` (list in row order of {input, output, predict}) and merge
+   `eval/*` figures into `run_summary.json` (keeping `train/*`), both atomically, at the very end,
+   so a failed run leaves nothing half-written.
+
+Multi-process: every process builds the same batches (token ids are cheap); the batch is sharded
+over the mesh's batch axes, so each process's devices decode their share of the rows; results are
+all-gathered and process 0 writes the files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from rec import storage
+from rec.errors import RecError
+from rec.eval.metrics import compute_metrics
+
+PREDICTIONS_FILE = "eval_predictions.json"
+SUMMARY_FILE = "run_summary.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure helpers (tested directly)
+
+
+def check_rows(path: str, rows, catalogue_sids: set[str], line_numbers: Sequence[int] | None = None) -> None:
+    """RecError naming the file line of the first row whose target or history SID is unknown."""
+    for index, row in enumerate(rows):
+        unknown = [s for s in (row.item_sid, *row.history_sids) if s not in catalogue_sids]
+        if unknown:
+            line = line_numbers[index] if line_numbers else index + 2
+            what = "item_sid" if unknown[0] == row.item_sid else "history_item_sid"
+            raise RecError(f"{path}:{line}: unknown SID {unknown[0]} in column '{what}' (not in info.txt/index.json)")
+
+
+def choose_buckets(lengths: Sequence[int], multiple: int = 16, quantiles: Sequence[float] = (0.5, 0.9, 1.0)) -> list[int]:
+    """A few padded prompt lengths covering every prompt: the given length quantiles rounded up to
+    `multiple` (so at most len(quantiles) compiles, and the longest prompt always fits)."""
+    if not lengths:
+        raise ValueError("no prompts")
+    ordered = sorted(lengths)
+    buckets = set()
+    for q in quantiles:
+        value = ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+        buckets.add(int(math.ceil(value / multiple) * multiple))
+    buckets.add(int(math.ceil(ordered[-1] / multiple) * multiple))
+    return sorted(buckets)
+
+
+def plan_batches(lengths: Sequence[int], buckets: Sequence[int], batch_size: int) -> list[tuple[int, list[int]]]:
+    """[(bucket length, row indices)]: each row goes to the smallest bucket that holds it; rows keep
+    their order inside a bucket; every list has at most `batch_size` rows."""
+    by_bucket: dict[int, list[int]] = {b: [] for b in buckets}
+    for index, length in enumerate(lengths):
+        fitting = [b for b in buckets if b >= length]
+        if not fitting:
+            raise ValueError(f"prompt {index} has {length} tokens, longer than every bucket {list(buckets)}")
+        by_bucket[min(fitting)].append(index)
+    plan = []
+    for bucket in sorted(by_bucket):
+        rows = by_bucket[bucket]
+        plan += [(bucket, rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
+    return plan
+
+
+def left_pad(token_lists: Sequence[Sequence[int]], length: int, pad_id: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """[batch_size, length] int32 tokens and mask, prompts right-aligned; missing rows repeat the
+    first prompt (their results are dropped) so shapes never change."""
+    tokens = np.full((batch_size, length), pad_id, dtype=np.int32)
+    mask = np.zeros((batch_size, length), dtype=np.int32)
+    for i in range(batch_size):
+        ids = token_lists[i] if i < len(token_lists) else token_lists[0]
+        if len(ids) > length:
+            raise ValueError(f"prompt of {len(ids)} tokens does not fit {length}")
+        if ids:
+            tokens[i, length - len(ids) :] = ids
+            mask[i, length - len(ids) :] = 1
+    return tokens, mask
+
+
+def summary_figures(metrics: dict, samples_per_s: float) -> dict:
+    """compute_metrics output -> the flat eval/* keys of run_summary.json."""
+    figures = {f"eval/{k}": v for k, v in metrics.items() if "@" in k}
+    figures["eval/invalid_prediction_count"] = int(metrics["invalid_prediction_count"])
+    figures["eval/num_samples"] = int(metrics["num_samples"])
+    figures["eval/beams"] = int(metrics["beams"])
+    figures["eval/samples_per_s"] = float(samples_per_s)
+    return figures
+
+
+def merge_summary(existing: dict, figures: dict) -> dict:
+    """Replace every eval/* key of an existing summary (a re-run with fewer beams must not keep a
+    stale eval/hr@50) and keep everything else (train/*, ...)."""
+    merged = {k: v for k, v in existing.items() if not k.startswith("eval/")}
+    merged.update(figures)
+    return merged
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+
+
+def _csv_lines(path: str, n_rows: int) -> list[int]:
+    """File line of each of the first n_rows data records (for error messages)."""
+    from rec.data.dataset import iter_csv_records
+
+    lines = []
+    for line, _ in iter_csv_records(path, storage.read_text(path)):
+        if len(lines) >= n_rows:
+            break
+        lines.append(line)
+    return lines
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="row", file=sys.stderr, disable=not enabled, dynamic_ncols=True)
+
+
+def run_eval(cfg) -> dict:
+    """Evaluate `model.path` on `data.split`; write eval_predictions.json and run_summary.json into
+    `run.dir`; return the run_summary figures."""
+    import jax.numpy as jnp
+
+    from rec.data.dataset import load_catalogue, read_split, split_path
+    from rec.data.prompts import eval_prompt
+    from rec.decode.beam import constrained_beam_search, decode_sids
+    from rec.dist import batch_divisor, init_distributed, is_primary, make_mesh, process_allgather, shard_batch
+    from rec.decode.trie import trie_from_sids
+    from rec.tokenizer import encode, newline_id
+    from rec.train.common import load_model_and_tokenizer
+
+    if not cfg.data.dir:
+        raise RecError("config: 'data.dir' is empty; set it to a MiniOneRec dataset directory")
+    init_distributed()
+    catalogue = load_catalogue(cfg.data.dir)
+    rows = read_split(cfg.data.dir, cfg.data.split, limit=cfg.eval.limit)
+    path = split_path(cfg.data.dir, cfg.data.split)
+    if not rows:
+        raise RecError(f"{path}: no rows to evaluate")
+    known = set(catalogue.all_sids)
+    if any(s not in known for r in rows for s in (r.item_sid, *r.history_sids)):
+        check_rows(path, rows, known, _csv_lines(path, len(rows)))
+
+    mesh = make_mesh(cfg.mesh.shape)
+    if cfg.eval.batch_size % batch_divisor(mesh):
+        raise RecError(
+            f"config: 'eval.batch_size' ({cfg.eval.batch_size}) must be a multiple of the {batch_divisor(mesh)} "
+            f"devices on the batch axes of mesh '{cfg.mesh.shape}'"
+        )
+    shape, params, tok = load_model_and_tokenizer(cfg, catalogue, "eval", mesh=mesh)
+    trie = trie_from_sids(catalogue.all_sids, tok, newline_id(tok), tok.eos_token_id)
+    beams = cfg.eval.beams
+    if beams > trie.num_sids:
+        raise RecError(f"config: 'eval.beams' ({beams}) is more than the {trie.num_sids} distinct SIDs of the catalogue")
+
+    prompts = [eval_prompt(r.history_sids, r.item_sid, style=cfg.eval.prompt) for r in rows]
+    token_lists = [encode(tok, p.header) + encode(tok, p.body) for p in prompts]
+    lengths = [len(t) for t in token_lists]
+    buckets = choose_buckets(lengths)
+    batch_size = cfg.eval.batch_size
+    plan = plan_batches(lengths, buckets, batch_size)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    id_to_token = tok.convert_ids_to_tokens(list(range(len(tok))))  # one call, not one per SID token
+    compute_dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[cfg.model.compute_dtype]
+
+    predictions: list[list[str] | None] = [None] * len(rows)
+    progress = _progress(len(rows), cfg.run.progress and is_primary(), f"eval {cfg.data.split}")
+    seen_buckets: set[int] = set()
+    steady_rows, steady_s, total_s = 0, 0.0, 0.0
+    for bucket, indices in plan:
+        batch_start = time.perf_counter()
+        tokens, mask = left_pad([token_lists[i] for i in indices], bucket, pad_id, batch_size)
+        g_tokens, g_mask = shard_batch((tokens, mask), mesh)
+        sids, _scores = constrained_beam_search(params, shape, g_tokens, g_mask, trie, beams, compute_dtype=compute_dtype)
+        sids = np.asarray(process_allgather(sids))  # blocks until the batch is decoded
+        for row_index, sid_list in zip(indices, decode_sids(id_to_token, sids[: len(indices)]), strict=True):
+            predictions[row_index] = sid_list
+        seconds = time.perf_counter() - batch_start
+        total_s += seconds
+        if bucket in seen_buckets:  # the first batch of a bucket pays for its compile
+            steady_rows, steady_s = steady_rows + len(indices), steady_s + seconds
+        seen_buckets.add(bucket)
+        progress.update(len(indices))
+    progress.close()
+    samples_per_s = steady_rows / steady_s if steady_rows else len(rows) / max(total_s, 1e-9)
+
+    records = [
+        {"input": p.header + p.body, "output": r.item_sid + "\n", "predict": pred}
+        for p, r, pred in zip(prompts, rows, predictions, strict=True)
+    ]
+    metrics = compute_metrics(records, known)
+    figures = summary_figures(metrics, samples_per_s)
+    if is_primary():
+        run_dir = cfg.run.dir
+        summary_path = storage.join(run_dir, SUMMARY_FILE)
+        existing = {}
+        if storage.exists(summary_path):
+            try:
+                existing = json.loads(storage.read_text(summary_path))
+            except json.JSONDecodeError as exc:
+                raise RecError(f"{summary_path}:{exc.lineno}: not valid JSON ({exc.msg}); fix or remove it") from None
+            if not isinstance(existing, dict):
+                raise RecError(f"{summary_path}: expected a JSON object")
+        storage.write_text(storage.join(run_dir, PREDICTIONS_FILE), json.dumps(records, indent=1, ensure_ascii=False) + "\n")
+        storage.write_text(summary_path, json.dumps(merge_summary(existing, figures), indent=2, sort_keys=True) + "\n")
+        _print_figures(figures, run_dir)
+    return figures
+
+
+def _print_figures(figures: dict, run_dir: str) -> None:
+    ks = sorted(int(k.split("@")[1]) for k in figures if k.startswith("eval/hr@"))
+    print(
+        f"eval: {figures['eval/num_samples']} samples, {figures['eval/beams']} beams, "
+        f"invalid {figures['eval/invalid_prediction_count']}, {figures['eval/samples_per_s']:.2f} samples/s",
+        file=sys.stderr,
+    )
+    print("  " + "  ".join(f"HR@{k} {figures[f'eval/hr@{k}']:.4f}" for k in ks), file=sys.stderr)
+    print("  " + "  ".join(f"NDCG@{k} {figures[f'eval/ndcg@{k}']:.4f}" for k in ks), file=sys.stderr)
+    print(f"  wrote {storage.join(run_dir, PREDICTIONS_FILE)} and {SUMMARY_FILE}", file=sys.stderr)

@@ -1,0 +1,141 @@
+"""What every stage does first: find the model and tokenizer, extend the vocabulary, place on the mesh.
+
+`model.path` may be
+- a Hugging Face model directory (has config.json): weights via `rec.model.hf_io.load_hf`,
+  tokenizer from the same directory unless `model.tokenizer` names another;
+- a run directory of ours (has checkpoints/ or config.yaml): parameters of checkpoint tag
+  `model.checkpoint` (default `sft_best` for rl/eval/grpo, `sft_last` for sft, the newest of
+  rl_last/sft_best/sft_last when the stage is "export"), tokenizer from `run_dir/tokenizer/`;
+- "" : random weights of the named `model.shape` (tests, demo, benchmarks) with the tokenizer
+  from `model.tokenizer`.
+
+Then the catalogue's SID tokens are added to the tokenizer in sorted order and, when the
+tokenizer became longer than the model's vocabulary, the embeddings grow to `len(tokenizer)`
+(upstream `resize_token_embeddings(len(tokenizer))`; Qwen's spare rows are used first because
+its vocab_size already exceeds the tokenizer). A run directory's tokenizer already has them.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+from rec import checkpoint, dist, storage
+from rec.config import Config, dump_yaml
+from rec.errors import RecError
+
+log = logging.getLogger("rec.train")
+
+DEFAULT_TAGS = {"sft": "sft_last", "rl": "sft_best", "eval": "sft_best", "grpo": "sft_best"}
+
+
+def is_run_dir(path: str) -> bool:
+    return storage.exists(storage.join(path, "checkpoints")) or storage.exists(storage.join(path, "config.yaml"))
+
+
+def resolve_checkpoint_tag(run_dir: str, requested: str, stage: str) -> str:
+    """The tag to load from a run directory; RecError naming what exists when it is missing."""
+    tags = checkpoint.list_tags(run_dir)
+    if requested:
+        tag = requested
+    elif stage in DEFAULT_TAGS:
+        tag = DEFAULT_TAGS[stage]
+    else:
+        tag = next((t for t in checkpoint.PREFERRED_TAGS if t in tags), tags[0] if tags else "")
+    if tag not in tags:
+        have = ", ".join(tags) if tags else "none"
+        raise RecError(f"{run_dir}: no checkpoint '{tag or '?'}' (model.checkpoint); available: {have}")
+    return tag
+
+
+def _param_dtype(cfg: Config):
+    return jnp.dtype(cfg.model.param_dtype)
+
+
+def _random_params(shape, cfg: Config, mesh):
+    from rec.model.qwen2 import PARTITION_RULES, init_params
+
+    init = functools.partial(init_params, shape, param_dtype=_param_dtype(cfg), vocab_multiple=cfg.model.vocab_multiple)
+    abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+    shardings = dist.param_shardings(abstract, mesh, PARTITION_RULES)
+    # Initialise directly into the sharded layout: no full copy on one device.
+    return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(cfg.run.seed))
+
+
+def load_model_and_tokenizer(cfg: Config, catalogue=None, stage: str = "sft", mesh=None):
+    """(shape, params placed on the mesh, tokenizer with the catalogue's SID tokens)."""
+    from rec.model.qwen2 import PARTITION_RULES, get_shape, shape_with_vocab
+    from rec.model.resize import grow_vocab
+    from rec.tokenizer import add_sid_tokens, load_tokenizer, sid_tokens
+
+    mesh = mesh if mesh is not None else dist.make_mesh(cfg.mesh.shape)
+    path = cfg.model.path
+    if path and storage.exists(storage.join(path, "config.json")):
+        from rec.model.hf_io import load_hf
+
+        tokenizer = load_tokenizer(cfg.model.tokenizer or path)
+        shape, params = load_hf(path, param_dtype=cfg.model.param_dtype, vocab_multiple=cfg.model.vocab_multiple,
+                                progress=cfg.run.progress and dist.is_primary())
+        source = f"hf:{path}"
+    elif path and is_run_dir(path):
+        tag = resolve_checkpoint_tag(path, cfg.model.checkpoint, stage)
+        tokenizer_dir = cfg.model.tokenizer or storage.join(path, "tokenizer")
+        tokenizer = load_tokenizer(tokenizer_dir)
+        shape, params = checkpoint.load_params(path, tag, mesh=mesh, rules=PARTITION_RULES, dtype=cfg.model.param_dtype)
+        source = f"run:{path}#{tag}"
+    elif path:
+        raise RecError(f"model.path: {path} is neither a Hugging Face model directory (config.json) nor a run directory")
+    else:
+        if not cfg.model.tokenizer:
+            raise RecError("model.tokenizer: a tokenizer directory is needed when model.path is empty (random init)")
+        tokenizer = load_tokenizer(cfg.model.tokenizer)
+        shape, params = None, None
+        source = f"random:{cfg.model.shape}"
+
+    added = add_sid_tokens(tokenizer, sid_tokens(catalogue)) if catalogue is not None else 0
+    if params is None:
+        shape = get_shape(cfg.model.shape)
+        # The tiny shape's vocabulary is a placeholder: size it to the tokenizer exactly.
+        vocab = len(tokenizer) if cfg.model.shape == "tiny" else max(shape.vocab_size, len(tokenizer))
+        shape = shape_with_vocab(shape, vocab)
+        params = _random_params(shape, cfg, mesh)
+    else:
+        if len(tokenizer) > shape.vocab_size:
+            shape, params = grow_vocab(params, shape, len(tokenizer), vocab_multiple=cfg.model.vocab_multiple)
+        params = dist.shard_params(params, mesh, PARTITION_RULES)
+    log.info("model %s: vocab %d (%d SID tokens added), %s", source, shape.vocab_size, added, cfg.model.param_dtype)
+    return shape, params, tokenizer
+
+
+def save_tokenizer(tokenizer, run_dir: str) -> str:
+    """Write the tokenizer files to run_dir/tokenizer/ (each file atomically; primary only)."""
+    target = storage.join(run_dir, "tokenizer")
+    if not dist.is_primary():
+        return target
+    with tempfile.TemporaryDirectory(prefix="rec-tok-") as tmp:
+        tokenizer.save_pretrained(tmp)
+        for name in sorted(os.listdir(tmp)):
+            full = os.path.join(tmp, name)
+            if os.path.isfile(full):
+                with open(full, "rb") as f:
+                    storage.write_bytes(storage.join(target, name), f.read())
+    return target
+
+
+def prepare_run_dir(cfg: Config, stage: str, extra: dict | None = None, tokenizer=None) -> None:
+    """Write the resolved config (config.yaml and config.<stage>.yaml) and the tokenizer.
+
+    Primary process only; other processes return at once. Safe to call again on resume."""
+    if not dist.is_primary():
+        return
+    storage.makedirs(cfg.run.dir)
+    text = dump_yaml(cfg, dict(extra or {}, stage=stage, processes=jax.process_count(), devices=jax.device_count()))
+    storage.write_text(storage.join(cfg.run.dir, "config.yaml"), text)
+    storage.write_text(storage.join(cfg.run.dir, f"config.{stage}.yaml"), text)
+    if tokenizer is not None:
+        save_tokenizer(tokenizer, cfg.run.dir)

@@ -1,0 +1,1 @@
+"""Developer and deployment tools (run from the repository root)."""

@@ -1,0 +1,383 @@
+"""Values that reach Kubernetes manifests: loading and validation.
+
+Every value is checked against the rule of the field it lands in (DNS-1123 names, GCS bucket
+naming rules, container image references, relative data paths, bounded integers) before any
+template sees it, and every error is one line naming the values file, the key and what is wrong.
+The renderer additionally inserts values only as JSON scalars (see `tools.deploy.manifests`), so
+even a value that slipped past these checks could not change the structure of a manifest; these
+checks exist so that the user gets a clear message instead of a surprising manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import pathlib
+import re
+from typing import Any
+
+from rec.errors import RecError
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+VALUES_DIR = ROOT / "k8s" / "values"
+
+_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_PROJECT_ID = re.compile(r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$")
+_LOCATION = re.compile(r"^[a-z]+-[a-z]+[0-9]+(-[a-z])?$")
+_BUCKET_CHARS = re.compile(r"^[a-z0-9][a-z0-9._-]*[a-z0-9]$")
+_REL_PATH = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_CHECKPOINT_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_HTTPS_URL = re.compile(r"^https://[A-Za-z0-9.-]+(:[0-9]+)?(/[A-Za-z0-9._~%/-]*)?$")
+_GIT_REF = re.compile(r"^[A-Za-z0-9._/-]+$")
+# Docker reference grammar (distribution/reference), simplified: [host[:port]/]path[:tag][@digest],
+# lowercase path components, and a tag or digest is required (an untagged image means :latest).
+_IMAGE = re.compile(
+    r"^(?:(?P<host>[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*"
+    r"(?::[0-9]+)?)/)?"
+    r"(?P<path>[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*)"
+    r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?"
+    r"(?:@(?P<digest>sha256:[a-f0-9]{64}))?$"
+)
+
+
+def _describe(value: Any) -> str:
+    """repr() keeps hostile values (newlines, quotes) on one line in the error message."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "...'"
+
+
+def _syntax_hint(value: str) -> str:
+    if any(c in value for c in "\n\r"):
+        return " (contains a line break)"
+    bad = sorted({c for c in value if c in ":{}[]#&*!|>'\"%@`,;$\\ \t"})
+    if bad:
+        return f" (contains {''.join(bad)!r})"
+    return ""
+
+
+def check_dns_label(value: Any, where: str, max_len: int = 63) -> str:
+    if not isinstance(value, str) or not _DNS1123_LABEL.match(value) or len(value) > max_len:
+        hint = _syntax_hint(value) if isinstance(value, str) else ""
+        raise RecError(
+            f"{where} = {_describe(value)}: not a DNS-1123 label (lowercase letters, digits and '-', "
+            f"starting and ending with a letter or digit, at most {max_len} characters){hint}"
+        )
+    return value
+
+
+def check_dns_subdomain(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not _DNS1123_SUBDOMAIN.match(value) or len(value) > 253:
+        hint = _syntax_hint(value) if isinstance(value, str) else ""
+        raise RecError(f"{where} = {_describe(value)}: not a DNS-1123 name (lowercase letters, digits, '-', '.'){hint}")
+    return value
+
+
+def check_bucket(value: Any, where: str) -> str:
+    """GCS bucket naming rules (cloud.google.com/storage/docs/buckets#naming)."""
+    problem = ""
+    if not isinstance(value, str):
+        problem = "not a string"
+    elif value.startswith("gs://"):
+        problem = "give the bucket name without gs://"
+    elif not _BUCKET_CHARS.match(value):
+        problem = "use lowercase letters, digits, '-', '_' and '.', starting and ending with a letter or digit"
+        problem += _syntax_hint(value)
+    elif len(value) < 3 or (len(value) > 63 and "." not in value) or len(value) > 222:
+        problem = "3-63 characters (up to 222 with dots, each dot-separated part at most 63)"
+    elif any(len(part) > 63 or not part for part in value.split(".")):
+        problem = "each dot-separated part must be 1-63 characters"
+    elif value.startswith("goog") or "google" in value or "g00gle" in value:
+        problem = "names may not start with 'goog' or contain 'google'"
+    else:
+        try:
+            ipaddress.ip_address(value)
+            problem = "names may not be IP addresses"
+        except ValueError:
+            pass
+    if problem:
+        raise RecError(f"{where} = {_describe(value)}: not a valid GCS bucket name: {problem}")
+    return value
+
+
+def check_image(value: Any, where: str) -> str:
+    match = _IMAGE.match(value) if isinstance(value, str) else None
+    if not match:
+        hint = _syntax_hint(value) if isinstance(value, str) else ""
+        raise RecError(
+            f"{where} = {_describe(value)}: not a container image reference "
+            f"(registry/path:tag or registry/path@sha256:digest){hint}"
+        )
+    if not match.group("tag") and not match.group("digest"):
+        raise RecError(f"{where} = {_describe(value)}: give a tag or digest (an untagged image means :latest)")
+    if match.group("tag") == "latest" and not match.group("digest"):
+        raise RecError(f"{where} = {_describe(value)}: ':latest' is not reproducible; use a version tag or digest")
+    return value
+
+
+def check_rel_path(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not _REL_PATH.match(value) or ".." in value.split("/"):
+        hint = _syntax_hint(value) if isinstance(value, str) else ""
+        raise RecError(
+            f"{where} = {_describe(value)}: expected a relative path of letters, digits, '.', '_', '-' "
+            f"and '/' (no '..', no leading '/'){hint}"
+        )
+    return value
+
+
+def check_config_path(value: Any, where: str) -> str:
+    check_rel_path(value, where)
+    if not value.startswith("configs/") or not value.endswith(".yaml"):
+        raise RecError(f"{where} = {_describe(value)}: expected configs/<stage>/<name>.yaml (a file in the image)")
+    return value
+
+
+def check_int(value: Any, where: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise RecError(f"{where} = {_describe(value)}: expected an integer in [{low}, {high}]")
+    return value
+
+
+def check_bool(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise RecError(f"{where} = {_describe(value)}: expected true or false")
+    return value
+
+
+def check_env_map(value: Any, where: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise RecError(f"{where}: expected a mapping of NAME: value")
+    out = {}
+    for name, val in value.items():
+        if not isinstance(name, str) or not _ENV_NAME.match(name):
+            raise RecError(f"{where}: {_describe(name)} is not an environment variable name")
+        if isinstance(val, bool) or not isinstance(val, (str, int, float)):
+            raise RecError(f"{where}.{name} = {_describe(val)}: expected a string (quote numbers)")
+        text = str(val)
+        if any(ord(c) < 32 for c in text):
+            raise RecError(f"{where}.{name} = {_describe(val)}: control characters (line breaks) are not allowed")
+        out[name] = text
+    return dict(sorted(out.items()))
+
+
+def check_tag(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not _CHECKPOINT_TAG.match(value) or len(value) > 63:
+        raise RecError(f"{where} = {_describe(value)}: expected a checkpoint tag such as rl_last")
+    return value
+
+
+def check_url(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not _HTTPS_URL.match(value):
+        raise RecError(f"{where} = {_describe(value)}: expected an https:// repository URL")
+    return value
+
+
+def check_git_ref(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not _GIT_REF.match(value):
+        raise RecError(f"{where} = {_describe(value)}: expected a branch, tag or commit")
+    return value
+
+
+def check_location(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not _LOCATION.match(value):
+        raise RecError(f"{where} = {_describe(value)}: expected a GCP region or zone such as us-east5 or us-east5-b")
+    return value
+
+
+def check_project(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not _PROJECT_ID.match(value):
+        raise RecError(
+            f"{where} = {_describe(value)}: not a GCP project id (6-30 lowercase letters, digits, '-', starting with a letter)"
+        )
+    return value
+
+
+def check_kube_context(value: Any, where: str) -> str:
+    if value in (None, ""):
+        return ""
+    if not isinstance(value, str) or not re.match(r"^[A-Za-z0-9_.:@/-]{1,253}$", value):
+        raise RecError(f"{where} = {_describe(value)}: not a kubeconfig context name")
+    return value
+
+
+def check_run(value: Any, where: str) -> str:
+    """Run names end up in JobSet names (at most 47 characters with the stage/dataset prefix)."""
+    return check_dns_label(value, where, max_len=20)
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvValues:
+    project: str
+    location: str
+    cluster: str
+    kube_context: str
+    namespace: str
+    bucket: str
+    data_bucket: str
+    image: str
+    service_account: str
+    workflow_service_account: str
+    wandb_secret: str
+    run: str
+    max_restarts: int
+    ttl_seconds_after_finished: int
+    termination_grace_period_seconds: int
+    tpu_run_as_root: bool
+    privileged: bool
+    fuse_host_network_pod_ksa: bool
+    argocd_namespace: str
+    repo_url: str
+    target_revision: str
+    extra_env: dict
+    name: str = "dev"  # the values file's stem
+
+    @property
+    def context(self) -> str:
+        return self.kube_context or f"gke_{self.project}_{self.location}_{self.cluster}"
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetValues:
+    name: str
+    data_dir: str
+    base_model: str
+    sft_config: str
+    rl_config: str
+    eval_config: str
+    handoff_tag: str
+    eval_split: str
+
+
+@dataclasses.dataclass(frozen=True)
+class GrpoValues:
+    name: str
+    data_dir: str
+    base_model: str
+    config: str
+
+
+_ENV_RULES = {
+    "project": check_project,
+    "location": check_location,
+    "cluster": lambda v, w: check_dns_label(v, w, max_len=40),
+    "kube_context": check_kube_context,
+    "namespace": check_dns_label,
+    "bucket": check_bucket,
+    "data_bucket": lambda v, w: "" if v in ("", None) else check_bucket(v, w),
+    "image": check_image,
+    "service_account": check_dns_subdomain,
+    "workflow_service_account": check_dns_subdomain,
+    "wandb_secret": check_dns_subdomain,
+    "run": check_run,
+    "max_restarts": lambda v, w: check_int(v, w, 0, 10),
+    "ttl_seconds_after_finished": lambda v, w: check_int(v, w, 3600, 90 * 86400),
+    "termination_grace_period_seconds": lambda v, w: check_int(v, w, 30, 3600),
+    "tpu_run_as_root": check_bool,
+    "privileged": check_bool,
+    "fuse_host_network_pod_ksa": check_bool,
+    "argocd_namespace": check_dns_label,
+    "repo_url": check_url,
+    "target_revision": check_git_ref,
+    "extra_env": check_env_map,
+}
+
+_DATASET_RULES = {
+    "name": lambda v, w: check_dns_label(v, w, max_len=16),
+    "data_dir": check_rel_path,
+    "base_model": check_rel_path,
+    "sft_config": check_config_path,
+    "rl_config": check_config_path,
+    "eval_config": check_config_path,
+    "handoff_tag": check_tag,
+    "eval_split": lambda v, w: _choice(v, w, ("test", "valid")),
+}
+
+_GRPO_RULES = {
+    "name": lambda v, w: check_dns_label(v, w, max_len=16),
+    "data_dir": check_rel_path,
+    "base_model": check_rel_path,
+    "config": check_config_path,
+}
+
+
+def _choice(value: Any, where: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise RecError(f"{where} = {_describe(value)}: expected one of {', '.join(choices)}")
+    return value
+
+
+def _read_mapping(path: pathlib.Path) -> dict:
+    import yaml  # noqa: PLC0415 (deployment-only dependency)
+
+    if not path.is_file():
+        raise RecError(f"{path}: values file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise RecError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise RecError(f"{path}: expected a mapping of keys to values")
+    return data
+
+
+def validate_mapping(data: dict, rules: dict, source: str) -> dict:
+    """Check every key of `data` with its rule; unknown and missing keys are errors."""
+    unknown = sorted(set(map(str, data)) - set(rules))
+    if unknown:
+        raise RecError(f"{source}: unknown key '{unknown[0]}' (known: {', '.join(sorted(rules))})")
+    missing = [k for k in rules if k not in data]
+    if missing:
+        raise RecError(f"{source}: missing key '{missing[0]}'")
+    return {key: rule(data[key], f"{source}: '{key}'") for key, rule in rules.items()}
+
+
+def _values_file(kind: str, name: str, where: str, values_dir: pathlib.Path) -> pathlib.Path:
+    # The name is a DNS label before it becomes part of a path: no traversal, no odd characters.
+    check_dns_label(name, where)
+    return values_dir / kind / f"{name}.yaml"
+
+
+def load_env(name: str, values_dir: pathlib.Path = VALUES_DIR) -> EnvValues:
+    path = _values_file("env", name, "--env", values_dir)
+    checked = validate_mapping(_read_mapping(path), _ENV_RULES, _rel(path))
+    return EnvValues(**checked, name=name)
+
+
+def load_dataset(name: str, values_dir: pathlib.Path = VALUES_DIR) -> DatasetValues:
+    path = _values_file("dataset", name, "--dataset", values_dir)
+    checked = validate_mapping(_read_mapping(path), _DATASET_RULES, _rel(path))
+    if checked["name"] != name:
+        raise RecError(f"{_rel(path)}: 'name' = {checked['name']!r} must equal the file name {name!r}")
+    return DatasetValues(**checked)
+
+
+def load_grpo(name: str = "gsm8k", values_dir: pathlib.Path = VALUES_DIR) -> GrpoValues:
+    path = _values_file("grpo", name, "grpo values", values_dir)
+    checked = validate_mapping(_read_mapping(path), _GRPO_RULES, _rel(path))
+    return GrpoValues(**checked)
+
+
+def list_datasets(values_dir: pathlib.Path = VALUES_DIR) -> list[str]:
+    return sorted(p.stem for p in (values_dir / "dataset").glob("*.yaml"))
+
+
+def _rel(path: pathlib.Path) -> str:
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def rollout_flag(name: str, environ: dict) -> str:
+    """GRPO rollout fast paths: "1" unless the render's environment sets the variable to 0/false/off."""
+    value = str(environ.get(name, "")).strip().lower()
+    if value in ("0", "false", "no", "off"):
+        return "0"
+    if value in ("", "1", "true", "yes", "on"):
+        return "1"
+    raise RecError(f"environment {name}={environ.get(name)!r}: expected 1 or 0")

@@ -39,33 +39,38 @@ lint: $(VENV)/.ok ## ruff
 bench: $(VENV)/.ok ## eval benchmark on the tiny shape with the real Office valid split
 	$(REC) bench eval --shape tiny --beams 50 --data ../shared/data/minionerec/Office_Products
 
-# ---- GKE TPU deployment (see README "Deployment") ---------------------------------------------
-render: $(VENV)/.ok ## render k8s manifests for DATASET (and GRPO) into k8s/rendered/
-	$(PY) tools/render.py render --env $(ENV) --dataset $(DATASET)
+# ---- GKE TPU deployment (docs/DEPLOY.md) ------------------------------------------------------
+# ENV=<k8s/values/env/*.yaml> DATASET=industrial|office (|all for render/status) RUN=<run name>
+# TIMEOUT=<per step, e.g. 48h> DRY_RUN=1 (print the plan only). A missing kube context is one line.
+DEPLOY_ARGS = --env $(ENV) $(if $(RUN),--run $(RUN))
+CLUSTER_ARGS = $(if $(TIMEOUT),--timeout $(TIMEOUT)) $(if $(DRY_RUN),--dry-run)
+
+render: $(VENV)/.ok ## render k8s manifests for DATASET (or all) and GRPO into k8s/rendered/
+	$(PY) tools/render.py render $(DEPLOY_ARGS) --dataset $(DATASET)
 
 validate: $(VENV)/.ok ## validate rendered manifests (JobSet CRD schema, batch/v1, GKE TPU rules)
 	$(PY) tools/render.py validate
 
-train: $(VENV)/.ok ## render, validate, submit and wait for the train JobSet of DATASET
-	$(PY) tools/render.py train --env $(ENV) --dataset $(DATASET)
+train: $(VENV)/.ok ## render, validate, submit and wait: sft then rl JobSets of DATASET (v6e-16)
+	$(PY) tools/render.py train $(DEPLOY_ARGS) --dataset $(DATASET) $(CLUSTER_ARGS)
 
-upload: $(VENV)/.ok ## publish the trained checkpoint to the verified handoff prefix
-	$(PY) tools/render.py upload --env $(ENV) --dataset $(DATASET)
+upload: $(VENV)/.ok ## publish the trained checkpoint to the verified handoff prefix (CPU Job)
+	$(PY) tools/render.py upload $(DEPLOY_ARGS) --dataset $(DATASET) $(CLUSTER_ARGS)
 
 eval: $(VENV)/.ok ## evaluate the verified handoff on a v6e-8 host
-	$(PY) tools/render.py eval --env $(ENV) --dataset $(DATASET)
+	$(PY) tools/render.py eval $(DEPLOY_ARGS) --dataset $(DATASET) $(CLUSTER_ARGS)
 
-pipeline: $(VENV)/.ok ## train -> upload -> eval, stopping at the first failure
-	$(PY) tools/render.py pipeline --env $(ENV) --dataset $(DATASET)
+pipeline: $(VENV)/.ok ## sft -> rl -> upload -> eval, stopping at the first failure
+	$(PY) tools/render.py pipeline $(DEPLOY_ARGS) --dataset $(DATASET) $(CLUSTER_ARGS)
 
 grpo: $(VENV)/.ok ## GSM8K GRPO on GKE (rollout fast paths on unless ROLLOUT_FAST_*=0)
-	$(PY) tools/render.py grpo --env $(ENV)
+	$(PY) tools/render.py grpo $(DEPLOY_ARGS) $(CLUSTER_ARGS)
 
-status: $(VENV)/.ok ## status of this dataset's JobSets
-	$(PY) tools/render.py status --env $(ENV) --dataset $(DATASET)
+status: $(VENV)/.ok ## state of DATASET's JobSets/Job and GRPO's JobSet
+	$(PY) tools/render.py status $(DEPLOY_ARGS) --dataset $(DATASET) $(if $(DRY_RUN),--dry-run)
 
-image: ## build the container image with docker or buildah
-	bash image/build.sh
+image: ## build the container image with docker or buildah (IMAGE=..., PUSH=1)
+	ENV=$(ENV) bash image/build.sh
 
 clean: ## remove runs/ and rendered manifests
 	rm -rf runs k8s/rendered

@@ -32,6 +32,7 @@ def test_choose_buckets_cover_every_prompt():
     # median 33 -> 48; 90th percentile 90 -> 96; max 100 -> 112
     assert buckets == [48, 96, 112]
     assert choose_buckets([5], multiple=8) == [8]
+    assert choose_buckets(lengths, multiple=16, min_rows_per_bucket=4) == [112]  # too few rows: one bucket
     assert max(choose_buckets(lengths)) >= max(lengths)
 
 

@@ -42,7 +42,7 @@ def test_report_two_runs(tmp_path):
     assert write_report([str(sft), str(rl)], str(out)) == str(out)
     page = out.read_text()
     images = _images(page)
-    assert len(images) == 3  # eval bars, loss curves, reward curves
+    assert len(images) == 4  # eval bars; SFT loss; RL loss; RL reward
     for image in images:
         assert base64.b64decode(image)[:8] == b"\x89PNG\r\n\x1a\n"
     assert "<th>sft</th><th>rl</th>" in page

@@ -37,6 +37,11 @@ from rec.model.resize import grow_vocab
 
 VOCAB = 97
 
+# One compiled program per call signature (op-by-op dispatch is much slower on a busy CPU).
+forward = jax.jit(
+    forward, static_argnames=("shape", "compute_dtype", "decode_attention", "remat", "return_hidden")
+)
+
 
 def _tiny(tied=True, vocab=VOCAB, **kw):
     import dataclasses
@@ -185,7 +190,9 @@ def test_return_hidden_and_logits_from_hidden_agree():
     logits, _ = forward(params, shape, tokens, pos, mask, compute_dtype=jnp.float32)
     hidden, _ = forward(params, shape, tokens, pos, mask, compute_dtype=jnp.float32, return_hidden=True)
     assert hidden.shape == (2, 5, 64)
-    np.testing.assert_allclose(np.asarray(logits_from_hidden(params, shape, hidden)), np.asarray(logits), atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(logits_from_hidden(params, shape, hidden)), np.asarray(logits), atol=1e-6
+    )
 
 
 def test_bf16_compute_close_to_f32_and_logits_f32():
@@ -210,8 +217,9 @@ def test_remat_same_value_and_grads():
         logits, _ = forward(p, shape, tokens, pos, mask, compute_dtype=jnp.float32, remat=remat)
         return jnp.mean(jax.nn.logsumexp(logits, axis=-1))
 
-    v1, g1 = jax.value_and_grad(loss)(params, False)
-    v2, g2 = jax.value_and_grad(loss)(params, True)
+    grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+    v1, g1 = grad(params, False)
+    v2, g2 = grad(params, True)
     np.testing.assert_allclose(float(v1), float(v2), rtol=1e-6)
     for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
@@ -225,17 +233,27 @@ def test_padding_tokens_do_not_change_valid_logits():
     short = seq[None]
     long_tokens = jnp.concatenate([jnp.array([[9, 9, 9]]), short], axis=1)
     long_mask = jnp.array([[False] * 3 + [True] * 4])
-    a, _ = forward(params, shape, short, positions_from_mask(jnp.ones((1, 4), bool)), jnp.ones((1, 4), bool),
-                   compute_dtype=jnp.float32)
-    b, _ = forward(params, shape, long_tokens, positions_from_mask(long_mask), long_mask, compute_dtype=jnp.float32)
+    a, _ = forward(
+        params,
+        shape,
+        short,
+        positions_from_mask(jnp.ones((1, 4), bool)),
+        jnp.ones((1, 4), bool),
+        compute_dtype=jnp.float32,
+    )
+    b, _ = forward(
+        params, shape, long_tokens, positions_from_mask(long_mask), long_mask, compute_dtype=jnp.float32
+    )
     np.testing.assert_allclose(np.asarray(b[:, 3:]), np.asarray(a), atol=1e-4)
 
 
-@pytest.mark.parametrize("attention,cache_dtype,tol", [("plain", jnp.float32, 1e-4), ("fast", jnp.bfloat16, 0.08)])
+@pytest.mark.parametrize(
+    "attention,cache_dtype,tol", [("plain", jnp.float32, 1e-5), ("fast", jnp.bfloat16, 0.05)]
+)
 def test_kv_cache_prefill_then_decode_matches_full_forward(attention, cache_dtype, tol):
     """Prefill a left-padded prompt, then decode token by token: same logits as one full forward."""
     shape = _tiny(False)
-    params = _params(shape, vocab_multiple=8, scale=1.0)
+    params = _params(shape, vocab_multiple=8)  # logits spread ~0.8, so the tolerances below mean something
     prompt_len, new = 5, 4
     tokens, mask = _left_padded(VOCAB, [5, 2, 4], prompt_len + new, seed=3)
     # the generated tail is valid for every row
@@ -246,31 +264,46 @@ def test_kv_cache_prefill_then_decode_matches_full_forward(attention, cache_dtyp
     S = prompt_len + new + 3  # cache longer than needed: unused slots must stay masked
     cache = init_cache(shape, 3, S, cache_dtype)
     cache_mask = jnp.zeros((3, S), bool).at[:, :prompt_len].set(full_mask[:, :prompt_len])
-    step = jax.jit(forward, static_argnames=("shape", "compute_dtype", "decode_attention"))
+    step = forward
     logits, cache = step(
-        params, shape, tokens[:, :prompt_len], full_pos[:, :prompt_len], cache_mask, cache=cache, cache_index=0,
-        compute_dtype=jnp.float32, decode_attention=attention,
+        params,
+        shape,
+        tokens[:, :prompt_len],
+        full_pos[:, :prompt_len],
+        cache_mask,
+        cache=cache,
+        cache_index=0,
+        compute_dtype=jnp.float32,
+        decode_attention=attention,
     )
     got = [logits]
     for t in range(prompt_len, prompt_len + new):
         cache_mask = cache_mask.at[:, t].set(True)
         logits, cache = step(
-            params, shape, tokens[:, t : t + 1], full_pos[:, t : t + 1], cache_mask, cache=cache,
-            cache_index=jnp.int32(t), compute_dtype=jnp.float32, decode_attention=attention,
+            params,
+            shape,
+            tokens[:, t : t + 1],
+            full_pos[:, t : t + 1],
+            cache_mask,
+            cache=cache,
+            cache_index=jnp.int32(t),
+            compute_dtype=jnp.float32,
+            decode_attention=attention,
         )
         got.append(logits)
     got = np.asarray(jnp.concatenate(got, axis=1))[..., :VOCAB]
     ref = np.asarray(reference)[..., :VOCAB]
     m = np.asarray(full_mask)
-    assert np.abs(got[m] - ref[m]).max() <= tol * max(1.0, np.abs(ref[m]).max() / 10)
+    assert ref[m].std() > 0.5
+    assert np.abs(got[m] - ref[m]).max() <= tol
     assert cache["k"].shape == (2, 3, S, 2, 16) and cache["k"].dtype == cache_dtype
     # slots never written stay zero
     assert not np.asarray(cache["k"][:, :, prompt_len + new :], np.float32).any()
 
 
-def test_fast_decode_equals_plain_in_f32_cache_up_to_bf16():
+def test_fast_decode_close_to_plain_on_the_same_bf16_cache():
     shape = _tiny(True)
-    params = _params(shape, scale=1.0)
+    params = _params(shape)
     tokens, mask = _left_padded(VOCAB, [4, 2], 4)
     cache = init_cache(shape, 2, 6, jnp.bfloat16)
     cmask = jnp.zeros((2, 6), bool).at[:, :4].set(mask)
@@ -297,14 +330,51 @@ def test_shape_hf_config_round_trip_and_errors():
     cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 5.0}
     assert ModelShape.from_hf_config(cfg).rope_theta == 5.0
     with pytest.raises(RecError, match="rope type 'yarn'"):
-        ModelShape.from_hf_config({**shape.to_hf_config(), "rope_scaling": {"rope_type": "yarn", "factor": 4}})
+        ModelShape.from_hf_config(
+            {**shape.to_hf_config(), "rope_scaling": {"rope_type": "yarn", "factor": 4}}
+        )
     with pytest.raises(RecError, match="x.json: missing key 'hidden_size'"):
         ModelShape.from_hf_config({"vocab_size": 3}, source="x.json")
     assert shape.padded_vocab(128) == 152064 and SHAPES["qwen2.5-0.5b"].padded_vocab(100) == 152000
 
 
+def test_published_qwen25_config_json_gives_named_shape():
+    """The config.json Qwen/Qwen2.5-0.5B ships (transformers 4.40 layout) parses to SHAPES entry."""
+    published = {
+        "architectures": ["Qwen2ForCausalLM"],
+        "attention_dropout": 0.0,
+        "bos_token_id": 151643,
+        "eos_token_id": 151643,
+        "hidden_act": "silu",
+        "hidden_size": 896,
+        "initializer_range": 0.02,
+        "intermediate_size": 4864,
+        "max_position_embeddings": 32768,
+        "max_window_layers": 24,
+        "model_type": "qwen2",
+        "num_attention_heads": 14,
+        "num_hidden_layers": 24,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0,
+        "sliding_window": 32768,
+        "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.40.1",
+        "use_cache": True,
+        "use_sliding_window": False,
+        "vocab_size": 151936,
+    }
+    assert ModelShape.from_hf_config(published) == SHAPES["qwen2.5-0.5b"]
+    with pytest.raises(RecError, match="use_sliding_window"):
+        ModelShape.from_hf_config({**published, "use_sliding_window": True})
+    with pytest.raises(RecError, match="model_type 'llama'"):
+        ModelShape.from_hf_config({**published, "model_type": "llama"})
+
+
 @pytest.mark.parametrize(
-    "name,billions", [("qwen2.5-0.5b", 0.49), ("qwen2.5-1.5b", 1.54), ("qwen2.5-3b", 3.09), ("qwen2.5-7b", 7.62)]
+    "name,billions",
+    [("qwen2.5-0.5b", 0.49), ("qwen2.5-1.5b", 1.54), ("qwen2.5-3b", 3.09), ("qwen2.5-7b", 7.62)],
 )
 def test_named_shapes_match_published_parameter_counts(name, billions):
     """Parameter counts from the Qwen2.5 model cards (0.49B, 1.54B, 3.09B, 7.61B), without allocating."""
@@ -327,12 +397,20 @@ def test_partition_specs_cover_every_leaf():
         params = jax.eval_shape(lambda k, t=tied: init_params(_tiny(t), k), jax.random.PRNGKey(0))
         specs = partition_specs(params)
         flat = jax.tree_util.tree_leaves_with_path(params)
-        spec_flat = dict(jax.tree_util.tree_leaves_with_path(specs, is_leaf=lambda x: isinstance(x, type(specs["norm"]["scale"]))))
+        spec_flat = dict(
+            jax.tree_util.tree_leaves_with_path(
+                specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)
+            )
+        )
         for path, leaf in flat:
             spec = spec_flat[path]
             assert len(spec) == leaf.ndim, (path, spec)
-        assert specs["layers"]["self_attn"]["q_proj"]["kernel"] == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
-        assert specs["layers"]["mlp"]["down_proj"]["kernel"] == jax.sharding.PartitionSpec(None, "tensor", "fsdp")
+        assert specs["layers"]["self_attn"]["q_proj"]["kernel"] == jax.sharding.PartitionSpec(
+            None, "fsdp", "tensor"
+        )
+        assert specs["layers"]["mlp"]["down_proj"]["kernel"] == jax.sharding.PartitionSpec(
+            None, "tensor", "fsdp"
+        )
     assert all(isinstance(p, str) for p, _ in PARTITION_RULES)
 
 
@@ -360,7 +438,9 @@ def test_sharded_forward_on_fake_mesh_matches_single_device(tmp_path):
     )
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "OK 4" in result.stdout
 
@@ -369,13 +449,16 @@ def test_sharded_forward_on_fake_mesh_matches_single_device(tmp_path):
 # grow_vocab
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_grow_vocab_mean_rows_keeps_padding(tied):
+@pytest.mark.parametrize("tied,host", [(True, False), (False, False), (False, True)])
+def test_grow_vocab_mean_rows_keeps_padding(tied, host):
     shape = _tiny(tied, vocab=10)
     params = _params(shape, vocab_multiple=16)
+    if host:  # as load_hf returns them
+        params = jax.tree.map(np.asarray, params)
     old_embed = np.asarray(params["embed_tokens"]["embedding"])
     new_shape, grown = grow_vocab(params, shape, 13, vocab_multiple=16)
     assert new_shape.vocab_size == 13 and new_shape.tie_embeddings == tied
+    assert isinstance(grown["embed_tokens"]["embedding"], np.ndarray) == host
     embed = np.asarray(grown["embed_tokens"]["embedding"])
     assert embed.shape == (16, 64)  # 13 still fits in the 16 padded rows
     np.testing.assert_array_equal(embed[:10], old_embed[:10])
@@ -389,8 +472,14 @@ def test_grow_vocab_mean_rows_keeps_padding(tied):
         np.testing.assert_allclose(head[:, 12], old_head[:, :10].mean(1), atol=1e-6)
         np.testing.assert_array_equal(head[:, :10], old_head[:, :10])
     # grown rows are real tokens now: finite logits; padding still -inf
-    logits, _ = forward(grown, new_shape, jnp.array([[1, 12]]), jnp.array([[0, 1]]), jnp.ones((1, 2), bool),
-                        compute_dtype=jnp.float32)
+    logits, _ = forward(
+        grown,
+        new_shape,
+        jnp.array([[1, 12]]),
+        jnp.array([[0, 1]]),
+        jnp.ones((1, 2), bool),
+        compute_dtype=jnp.float32,
+    )
     assert np.isfinite(np.asarray(logits[..., :13])).all() and np.isneginf(np.asarray(logits[..., 13:])).all()
 
 
@@ -403,3 +492,30 @@ def test_grow_vocab_grows_padding_and_never_shrinks():
     assert same_shape == shape and same is params
     with pytest.raises(RecError):
         grow_vocab(params, shape, 0)
+
+
+def test_program_size_does_not_grow_with_depth():
+    """Layers run under one scan: the lowered program for 8 layers is the size of the 2-layer one."""
+
+    def hlo_size(layers):
+        shape = _tiny(True, num_layers=layers)
+        params = jax.eval_shape(lambda k: init_params(shape, k), jax.random.PRNGKey(0))
+        tokens = jax.ShapeDtypeStruct((2, 8), jnp.int32)
+        mask = jax.ShapeDtypeStruct((2, 8), jnp.bool_)
+        lowered = jax.jit(forward, static_argnames=("shape",)).lower(params, shape, tokens, tokens, mask)
+        return len(lowered.as_text())
+
+    small, deep = hlo_size(2), hlo_size(8)
+    assert abs(deep - small) < 0.02 * small
+
+
+def test_out_of_range_padding_ids_do_not_poison_valid_rows():
+    shape = _tiny(True)
+    params = _params(shape)
+    tokens, mask = _left_padded(VOCAB, [4, 2], 4)
+    pos = positions_from_mask(mask)
+    clean, _ = forward(params, shape, tokens, pos, mask, compute_dtype=jnp.float32)
+    weird = jnp.where(mask, tokens, -1)
+    got, _ = forward(params, shape, weird, pos, mask, compute_dtype=jnp.float32)
+    m = np.asarray(mask)
+    np.testing.assert_allclose(np.asarray(got)[m], np.asarray(clean)[m], atol=1e-6)

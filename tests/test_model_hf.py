@@ -14,6 +14,7 @@ from rec.model.hf_io import export_model, load_hf, save_hf
 from rec.model.qwen2 import forward, positions_from_mask
 from tests.fixtures_model import make_tiny_torch_qwen2
 
+pytest.importorskip("torch")
 pytestmark = pytest.mark.torch
 
 VOCAB = 300
@@ -227,3 +228,46 @@ def test_export_hf_dir_copies_tokenizer(tmp_path, tiny_hf_dir_factory):
     )
     with pytest.raises(RecError, match="neither a Hugging Face model directory"):
         export_model(str(tmp_path / "nothing"), str(tmp_path / "o2"))
+
+
+def test_export_run_dir_checkpoint(tmp_path, tiny_hf_dir_factory):
+    """A run directory's Orbax checkpoint (padded vocab) -> HF directory that loads back the same weights."""
+    from rec import checkpoint
+
+    shape, params = load_hf(
+        str(tiny_hf_dir_factory(vocab_size=VOCAB, tied=False)), vocab_multiple=128, progress=False
+    )
+    run_dir = tmp_path / "run"
+    checkpoint.save(
+        str(run_dir), "sft_best", {"params": params}, step=7, meta={"model_config": shape.to_hf_config()}
+    )
+    (run_dir / "tokenizer").mkdir()
+    (run_dir / "tokenizer" / "tokenizer.json").write_text('{"run": 1}')
+    out = tmp_path / "hf"
+    export_model(str(run_dir), str(out), dtype="float32")
+    assert (out / "tokenizer.json").read_text() == '{"run": 1}'
+    shape2, params2 = load_hf(str(out), vocab_multiple=128, progress=False)
+    assert shape2 == shape
+    for (path, a), (_, b) in zip(
+        jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves_with_path(params2), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
+
+
+def test_gcs_round_trip_and_stale_shards_removed(gcs_bucket, tiny_hf_dir_factory):
+    """save_hf/load_hf on gs:// (fake-gcs-server); re-exporting unsharded removes the old shards."""
+    from rec import storage
+
+    shape, params = load_hf(str(tiny_hf_dir_factory(vocab_size=VOCAB, tied=False)), progress=False)
+    out = f"gs://{gcs_bucket}/models/tiny"
+    save_hf(out, shape, params, dtype="float32", max_shard_bytes=100_000, progress=False)
+    names = storage.listdir(out)
+    assert "model.safetensors.index.json" in names and "model.safetensors" not in names
+    shape2, params2 = load_hf(out, progress=False)
+    assert shape2 == shape
+    np.testing.assert_array_equal(np.asarray(params2["lm_head"]["kernel"]), np.asarray(params["lm_head"]["kernel"]))
+    save_hf(out, shape, params, dtype="bfloat16", progress=False)
+    assert storage.listdir(out) == ["config.json", "model.safetensors"]
+    _, params3 = load_hf(out, progress=False)  # bf16 on disk, float32 in memory: bf16-rounded values
+    rounded = np.asarray(params["norm"]["scale"]).astype(jnp.bfloat16).astype(np.float32)
+    np.testing.assert_array_equal(params3["norm"]["scale"], rounded)

@@ -56,7 +56,14 @@ def _abs(path: str) -> str:
 def _manager(directory: str, create: bool):
     ocp = _ocp()
     options = ocp.CheckpointManagerOptions(max_to_keep=1, create=create, enable_async_checkpointing=False)
-    return ocp.CheckpointManager(_abs(directory), options=options)
+    # Handlers named up front: a fresh process (eval, export, RL init) can then read item metadata
+    # and restore single items without having saved them first.
+    handlers = {
+        "params": ocp.StandardCheckpointHandler(),
+        "rest": ocp.StandardCheckpointHandler(),
+        "meta": ocp.JsonCheckpointHandler(),
+    }
+    return ocp.CheckpointManager(_abs(directory), options=options, item_handlers=handlers)
 
 
 def _as_items(state: Any) -> dict:

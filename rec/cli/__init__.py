@@ -115,6 +115,20 @@ def cmd_recipe(args):
     print(write_recipe(args.name, args.out, data_dir=args.data))
 
 
+def cmd_handoff_publish(args):
+    from rec.storage.handoff import publish
+
+    result = publish(args.run, args.to, args.tag, step=args.step, progress=not args.no_progress)
+    print(f"{result['checkpoint']}: {result['objects']} objects ({result['copied']} copied, "
+          f"{result['already_present']} already present); MANIFEST.json written")
+
+
+def cmd_handoff_verify(args):
+    from rec.storage.handoff import verify
+
+    print(verify(args.prefix))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rec",
@@ -196,6 +210,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="configs/recipes/small-cpu")
     p.add_argument("--data", default="", help="MiniOneRec dataset directory written into the configs")
     p.set_defaults(fn=cmd_recipe)
+    p = sub.add_parser("handoff", help="Verified checkpoint handoff (no-clobber copy + MANIFEST.json)")
+    hsub = p.add_subparsers(dest="handoff_command", metavar="ACTION")
+    hsub.required = True
+    h = hsub.add_parser("publish", help="Copy a run's checkpoint tag, tokenizer, config and summary to a handoff prefix")
+    h.add_argument("--run", required=True, help="run directory (local or gs://)")
+    h.add_argument("--to", required=True, help="handoff prefix (local or gs://)")
+    h.add_argument("--tag", required=True, help="checkpoint tag, e.g. rl_last")
+    h.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest finalised one)")
+    h.add_argument("--no-progress", action="store_true")
+    h.set_defaults(fn=cmd_handoff_publish)
+    h = hsub.add_parser("verify", help="Check a handoff against its MANIFEST.json; print the checkpoint path")
+    h.add_argument("prefix")
+    h.set_defaults(fn=cmd_handoff_verify)
     return parser
 
 

@@ -37,8 +37,11 @@ class _Problems:
         self.extra = 0
 
     def add(self, where: str, message: str) -> None:
+        self.add_line(f"{where}: {message}")
+
+    def add_line(self, line: str) -> None:
         if len(self.lines) < self.limit:
-            self.lines.append(f"{where}: {message}")
+            self.lines.append(line)
         else:
             self.extra += 1
 
@@ -53,8 +56,8 @@ def _load_json(path: str, problems: _Problems):
         return json.loads(storage.read_text(path))
     except json.JSONDecodeError as exc:
         problems.add(f"{path}:{exc.lineno}", f"not valid JSON ({exc.msg})")
-    except RecError as exc:
-        problems.add(path, str(exc).removeprefix(f"{path}: "))
+    except RecError as exc:  # already "file: message"
+        problems.add_line(str(exc))
     return None
 
 
@@ -167,8 +170,8 @@ def check_dataset(directory: str, max_problems: int = 50) -> list[str]:
 def _check_split(path, sids, known_sids, info_sids, titles, n_items, have_index, problems: _Problems) -> None:
     try:
         records = list(iter_csv_records(path, storage.read_text(path)))
-    except RecError as exc:
-        problems.add(path, str(exc).removeprefix(f"{path}: "))
+    except RecError as exc:  # already "file:row: message"
+        problems.add_line(str(exc))
         return
     if not records:
         problems.add(path, "no data rows")
@@ -196,5 +199,5 @@ def _check_split(path, sids, known_sids, info_sids, titles, n_items, have_index,
             problems.add(where, err)
             continue
         check_item(where, "target", row.item_id, row.item_sid, row.item_title)
-        for position, (item_id, sid, title) in enumerate(zip(row.history_ids, row.history_sids, row.history_titles)):
+        for position, (item_id, sid, title) in enumerate(zip(row.history_ids, row.history_sids, row.history_titles, strict=True)):
             check_item(where, f"history[{position}]", item_id, sid, title)

@@ -221,7 +221,8 @@ def iter_csv_records(path: str, text: str):
     """Yield (line_number, fields) for each data row; raise RecError on a bad header.
 
     A record with the wrong number of fields yields (line, None) so callers can report it."""
-    reader = csv.reader(io.StringIO(text, newline=""))
+    # A byte-order mark (some spreadsheet exports) would otherwise glue itself to "user_id".
+    reader = csv.reader(io.StringIO(text.removeprefix("\ufeff"), newline=""))
     try:
         header = next(reader)
     except StopIteration:
@@ -232,7 +233,6 @@ def iter_csv_records(path: str, text: str):
     if missing:
         raise RecError(f"{path}:1: header lacks column(s) {', '.join(missing)} (has: {', '.join(header)})")
     position = {name: header.index(name) for name in COLUMNS}
-    line = 1
     while True:
         try:
             values = next(reader)

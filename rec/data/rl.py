@@ -71,7 +71,7 @@ def rl_prompts(catalogue: Catalogue, rows: Sequence[Row], tasks: Sequence[str], 
             # As upstream: dicts over items in id order (last item wins, first fixes the position).
             title_to_sid: dict[str, str] = {}
             description_to_sid: dict[str, str] = {}
-            for item_id, (sid, title) in enumerate(zip(catalogue.sids, catalogue.titles)):
+            for item_id, (sid, title) in enumerate(zip(catalogue.sids, catalogue.titles, strict=True)):
                 title_to_sid[title] = sid
                 description = _first_description(catalogue.descriptions[item_id])
                 if description.strip():

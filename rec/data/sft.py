@@ -52,7 +52,7 @@ def sft_prompts(catalogue: Catalogue, rows: Sequence[Row], tasks: Sequence[str],
     # first occurrence fixes the position.
     sid_to_title: dict[str, str] = {}
     title_to_sid: dict[str, str] = {}
-    for sid, title in zip(catalogue.sids, catalogue.titles):
+    for sid, title in zip(catalogue.sids, catalogue.titles, strict=True):
         sid_to_title[sid] = title
         title_to_sid[title] = sid
     out: list[P.Prompt] = []
@@ -66,7 +66,7 @@ def sft_prompts(catalogue: Catalogue, rows: Sequence[Row], tasks: Sequence[str],
             out += [P.fusion_seq_rec(r.history_sids, sid_to_title.get(r.item_sid, r.item_sid)) for r in rows]
         elif task == "title_history":
             picks = P.pick_title_history_templates(len(rows), seed)
-            out += [P.title_history(r.history_titles, r.item_title, category, k) for r, k in zip(rows, picks)]
+            out += [P.title_history(r.history_titles, r.item_title, category, k) for r, k in zip(rows, picks, strict=True)]
         elif task == "title_history_sid":
             for r in rows:
                 if not 0 <= r.item_id < len(catalogue):
@@ -89,9 +89,9 @@ def _batch_encode(tok, texts: list[str]) -> list[list[int]]:
 def prompt_token_ids(tok, prompt_list: Sequence[P.Prompt]) -> list[list[int]]:
     """encode(header) + encode(body) per prompt (each part on its own, as upstream)."""
     headers = sorted({p.header for p in prompt_list})
-    header_ids = dict(zip(headers, _batch_encode(tok, headers)))
+    header_ids = dict(zip(headers, _batch_encode(tok, headers), strict=True))
     bodies = _batch_encode(tok, [p.body for p in prompt_list])
-    return [header_ids[p.header] + b for p, b in zip(prompt_list, bodies)]
+    return [header_ids[p.header] + b for p, b in zip(prompt_list, bodies, strict=True)]
 
 
 def tokenize_prompts(tok, prompt_list: Sequence[P.Prompt], max_len: int, progress: bool = False) -> list[Example]:
@@ -110,7 +110,7 @@ def tokenize_prompts(tok, prompt_list: Sequence[P.Prompt], max_len: int, progres
         part = prompt_list[start : start + chunk]
         prompt_ids = prompt_token_ids(tok, part)
         target_ids = _batch_encode(tok, [p.target for p in part])
-        for p, ids, target in zip(part, prompt_ids, target_ids):
+        for p, ids, target in zip(part, prompt_ids, target_ids, strict=True):
             target = target + [eos]
             input_ids = np.asarray(ids + target, dtype=np.int32)
             labels = np.asarray([IGNORE] * len(ids) + target, dtype=np.int32)

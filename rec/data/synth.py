@@ -5,9 +5,10 @@ What makes it learnable (and what a counting baseline finds, see tests/test_data
   sub-group and a position inside it, so SID prefixes carry meaning as in real RQ indices.
 - Titles are brand + adjective + the category's noun + a pack size and a unique model code, so
   titles of one category share words; descriptions are upstream-style list strings (some empty).
-- Each item has a fixed successor inside its category (one cycle per category). A user mostly
-  walks that chain (75%), sometimes jumps inside the preferred category (15%), rarely anywhere
-  (10%). "Successor of the last item" therefore predicts most next items.
+- Each item has a fixed successor inside its category: the next position of the category, which
+  in SID space is one shared rule (same first token, lower codes stepped through fixed tables).
+  A user mostly walks that chain (75%), sometimes jumps inside the preferred category (15%),
+  rarely anywhere (10%). "Successor of the last item" therefore predicts most next items.
 
 Samples are cut as upstream does (reference §1.3): for every position i >= 1 of a user's sequence,
 history = the previous <= 10 items and target = item i; all samples are sorted by the target's
@@ -105,7 +106,7 @@ def _user_sequences(rng, n_users: int, members: list[list[int]], successor: dict
         t = float(rng.uniform(0.0, 1000.0))
         seq = [(t, preferred[rng.integers(len(preferred))])]
         for _ in range(length - 1):
-            t += float(rng.exponential(10.0))
+            t += float(rng.exponential(60.0))  # users stay active across the time-based splits
             r = rng.random()
             if r < P_SUCCESSOR:
                 nxt = successor[seq[-1][1]]
@@ -147,10 +148,13 @@ def synthesize(out: str, users: int = 600, items: int = 240, seed: int = 0, leve
     category, sid_tokens, members = _item_structure(rng, items, levels)
     sids = ["".join(t) for t in sid_tokens]
     titles, descriptions, brands = _titles_and_descriptions(rng, category)
+    # The successor of the item at position j of its category is the one at j+1 (cyclically).
+    # Positions map to the lower SID levels through per-level code tables shared by every
+    # category, so "next item" is one rule in SID space (keep <a>, step the lower codes) rather
+    # than a table of arbitrary pairs: a tiny model learns it in a few hundred steps.
     successor: dict[int, int] = {}
     for group in members:
-        cycle = [group[i] for i in rng.permutation(len(group))]
-        for a, b in zip(cycle, cycle[1:] + cycle[:1]):
+        for a, b in zip(group, group[1:] + group[:1], strict=True):
             successor[a] = b
 
     samples = []  # (timestamp, user, history ids, target id)

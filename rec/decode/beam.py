@@ -41,20 +41,21 @@ NEG_INF = float("-inf")
 # Incremented each time the jitted search is traced (a compile); tests use it to check reuse.
 TRACE_COUNTS: collections.Counter = collections.Counter()
 
-# step_fn(state, parent[B,K] beam index within its prompt, tokens[B*K], step) -> (logp[B*K,V] f32, state)
+# step_fn(state, parent[B,K] beam index within its prompt, tokens[B*K], step) -> (logits[B*K,V] f32, state)
 StepFn = Callable[[Any, jax.Array, jax.Array, int], tuple[jax.Array, Any]]
 
 
-def beam_search_core(first_logp: jax.Array, step_fn: StepFn, state: Any, trie: SidTrie, beams: int):
-    """The trie-constrained beam search given a log-prob oracle; traceable, shapes static.
+def beam_search_core(first_logits: jax.Array, step_fn: StepFn, state: Any, trie: SidTrie, beams: int):
+    """The trie-constrained beam search given a next-token logits oracle; traceable, shapes static.
 
-    first_logp: [B, V] f32 log-probs of the first generated token (after the prompt).
+    first_logits: [B, V] f32 logits of the first generated token (after the prompt). Log-probs are
+      the full-vocabulary log-softmax of these (and of step_fn's logits), computed here.
     step_fn: advances every beam row by one fed token; it must first reorder its per-row state by
       `parent` (row b*K+k continues the beam that was row b*K+parent[b,k]).
     state: the step function's per-row state with B*K rows (beam rows of a prompt start identical).
     Returns (path_tokens[B,K,num_steps] int32, scores[B,K] f32), best first; unfilled slots -inf/-1.
     """
-    batch, vocab = first_logp.shape
+    batch, vocab = first_logits.shape
     k = beams
     num_steps = trie.num_steps
 
@@ -63,18 +64,23 @@ def beam_search_core(first_logp: jax.Array, step_fn: StepFn, state: Any, trie: S
     hist = jnp.full((batch, k, num_steps), -1, jnp.int32)
     fin_score = jnp.full((batch, k), NEG_INF, jnp.float32)
     fin_hist = jnp.full((batch, k, num_steps), -1, jnp.int32)
-    logp = jnp.broadcast_to(first_logp[:, None, :], (batch, k, vocab))
+    logits = first_logits[:, None, :]  # [B, 1, V]: every beam of a prompt starts from the prompt's logits
     parent = jnp.zeros((batch, k), jnp.int32)
     feed = jnp.zeros((batch * k,), jnp.int32)
 
     for step in range(num_steps):
         if step > 0:
-            flat_logp, state = step_fn(state, parent, feed, step)
-            logp = flat_logp.reshape(batch, k, vocab)
+            flat_logits, state = step_fn(state, parent, feed, step)
+            logits = flat_logits.reshape(batch, k, vocab)
         cand_tok = trie.child_tokens[step][node]  # [B, K, M]: the allowed set of each beam
         cand_next = trie.child_next[step][node]
         fanout = cand_tok.shape[-1]
-        tok_logp = jnp.take_along_axis(logp, jnp.maximum(cand_tok, 0), axis=-1)
+        # Full-vocabulary log-softmax, evaluated only at the candidates: logit - logsumexp(all logits).
+        log_norm = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1, keepdims=True)
+        # (At step 0 `logits` has one row per prompt: gather all K beams' candidates from it.)
+        gather_idx = jnp.maximum(cand_tok, 0).reshape(batch, logits.shape[1], -1)
+        cand_logits = jnp.take_along_axis(logits, gather_idx, axis=-1).reshape(cand_tok.shape)
+        tok_logp = cand_logits.astype(jnp.float32) - log_norm
         cand_score = jnp.where(cand_tok >= 0, run_score[..., None] + tok_logp, NEG_INF)
 
         # HF: top 2K over beams x tokens (padded with -inf when fewer candidates exist).
@@ -169,7 +175,6 @@ def _search_impl(params, prompt_ids, prompt_mask, trie, *, shape, beams, compute
     decode_slots = trie.num_steps - 1  # the last (EOS) token is scored, never fed
     logits, cache, prompt_len = prefill(params, shape, prompt_ids, prompt_mask, decode_slots,
                                         compute_dtype=compute_dtype)
-    first_logp = jax.nn.log_softmax(logits, axis=-1)
     # Broadcast the prompt KV to the K beam rows of each prompt (computed once per prompt).
     cache = {name: jnp.repeat(c, k, axis=1) for name, c in cache.items()}
     mask = jnp.concatenate([prompt_mask.astype(jnp.int32), jnp.zeros((batch, decode_slots), jnp.int32)], axis=1)
@@ -185,9 +190,9 @@ def _search_impl(params, prompt_ids, prompt_mask, trie, *, shape, beams, compute
         logits, cache = qwen2.forward(params, shape, tokens[:, None], positions, mask, cache=cache,
                                       cache_index=slot, compute_dtype=compute_dtype,
                                       decode_attention=decode_attention)
-        return jax.nn.log_softmax(logits[:, 0].astype(jnp.float32), axis=-1), (cache, mask)
+        return logits[:, 0], (cache, mask)
 
-    paths, scores = beam_search_core(first_logp, step_fn, (cache, mask), trie, k)
+    paths, scores = beam_search_core(logits, step_fn, (cache, mask), trie, k)
     return path_to_sid_tokens(paths, trie), scores
 
 

@@ -73,8 +73,8 @@ def completion_mask_from_tokens(tokens: jax.Array, eos_id: int) -> tuple[jax.Arr
 # from the logits after feeding token i-1; token 0 comes from the prefill logits.
 
 
-def _prefill_and_first(params, prompt_ids, prompt_mask, rng, temperature, top_p, *, shape, max_new_tokens,
-                       eos_id, pad_id, greedy, compute_dtype):
+def _prefill_and_first(params, prompt_ids, prompt_mask, rng, temperature, top_p, eos_id, pad_id, *, shape,
+                       max_new_tokens, greedy, compute_dtype):
     batch, length = prompt_ids.shape
     logits, cache, prompt_len = prefill(params, shape, prompt_ids, prompt_mask, max_new_tokens,
                                         compute_dtype=compute_dtype)
@@ -84,7 +84,7 @@ def _prefill_and_first(params, prompt_ids, prompt_mask, rng, temperature, top_p,
     return (jnp.int32(1), tokens, first == eos_id, cache, mask), prompt_len
 
 
-def _decode_step(params, state, prompt_len, rng, temperature, top_p, *, shape, prompt_width, eos_id, pad_id,
+def _decode_step(params, state, prompt_len, rng, temperature, top_p, eos_id, pad_id, *, shape, prompt_width,
                  greedy, compute_dtype, decode_attention):
     """Feed token i-1 of every row, sample token i. Finished rows keep emitting pad."""
     from rec.model import qwen2  # noqa: PLC0415
@@ -102,11 +102,11 @@ def _decode_step(params, state, prompt_len, rng, temperature, top_p, *, shape, p
     return (i + 1, tokens, done | (nxt == eos_id), cache, mask)
 
 
-def _fast_impl(params, prompt_ids, prompt_mask, rng, temperature, top_p, *, shape, max_new_tokens, eos_id,
-               pad_id, greedy, compute_dtype, decode_attention):
+def _fast_impl(params, prompt_ids, prompt_mask, rng, temperature, top_p, eos_id, pad_id, *, shape, max_new_tokens,
+               greedy, compute_dtype, decode_attention):
     TRACE_COUNTS["fast"] += 1
-    statics = dict(shape=shape, eos_id=eos_id, pad_id=pad_id, greedy=greedy, compute_dtype=compute_dtype)
-    state, prompt_len = _prefill_and_first(params, prompt_ids, prompt_mask, rng, temperature, top_p,
+    statics = dict(shape=shape, greedy=greedy, compute_dtype=compute_dtype)
+    state, prompt_len = _prefill_and_first(params, prompt_ids, prompt_mask, rng, temperature, top_p, eos_id, pad_id,
                                            max_new_tokens=max_new_tokens, **statics)
 
     def cond(state):
@@ -114,15 +114,15 @@ def _fast_impl(params, prompt_ids, prompt_mask, rng, temperature, top_p, *, shap
         return (i < max_new_tokens) & ~jnp.all(done)
 
     def body(state):
-        return _decode_step(params, state, prompt_len, rng, temperature, top_p, prompt_width=prompt_ids.shape[1],
-                            decode_attention=decode_attention, **statics)
+        return _decode_step(params, state, prompt_len, rng, temperature, top_p, eos_id, pad_id,
+                            prompt_width=prompt_ids.shape[1], decode_attention=decode_attention, **statics)
 
     _, tokens, _, _, _ = jax.lax.while_loop(cond, body, state)
     mask, lengths = completion_mask_from_tokens(tokens, eos_id)
     return tokens, mask, lengths
 
 
-_STATICS = ("shape", "max_new_tokens", "eos_id", "pad_id", "greedy", "compute_dtype")
+_STATICS = ("shape", "max_new_tokens", "greedy", "compute_dtype")
 _fast_jit = jax.jit(_fast_impl, static_argnames=_STATICS + ("decode_attention",))
 
 
@@ -140,8 +140,7 @@ _prefill_jit = jax.jit(_counted("plain_prefill", _prefill_and_first), static_arg
 # (CPU ignores donation with a warning, so it is skipped there).
 _step_jit_by_donation = {
     donate: jax.jit(_counted("plain_step", _decode_step),
-                    static_argnames=("shape", "prompt_width", "eos_id", "pad_id", "greedy", "compute_dtype",
-                                     "decode_attention"),
+                    static_argnames=("shape", "prompt_width", "greedy", "compute_dtype", "decode_attention"),
                     donate_argnums=(1,) if donate else ())
     for donate in (False, True)
 }
@@ -161,23 +160,22 @@ def generate(params, shape, prompt_ids, prompt_mask, rng, *, temperature=1.0, to
     prompt_mask = jnp.asarray(prompt_mask, jnp.int32)
     if prompt_ids.ndim != 2 or prompt_ids.shape != prompt_mask.shape:
         raise ValueError(f"prompt_ids {prompt_ids.shape} and prompt_mask {prompt_mask.shape} must both be [B, T]")
-    temperature = jnp.float32(temperature)
-    top_p = jnp.float32(top_p)
-    statics = dict(shape=shape, max_new_tokens=int(max_new_tokens), eos_id=int(eos_id), pad_id=int(pad_id),
-                   greedy=bool(greedy), compute_dtype=jnp.dtype(compute_dtype))
+    # Sampling knobs and token ids are traced, so changing them never recompiles.
+    knobs = (jnp.float32(temperature), jnp.float32(top_p), jnp.int32(eos_id), jnp.int32(pad_id))
+    statics = dict(shape=shape, max_new_tokens=int(max_new_tokens), greedy=bool(greedy),
+                   compute_dtype=jnp.dtype(compute_dtype))
     decode_attention = "fast" if fast_attention else "plain"
     if fast_generate:
-        return _fast_jit(params, prompt_ids, prompt_mask, rng, temperature, top_p, decode_attention=decode_attention,
-                         **statics)
+        return _fast_jit(params, prompt_ids, prompt_mask, rng, *knobs, decode_attention=decode_attention, **statics)
 
-    state, prompt_len = _prefill_jit(params, prompt_ids, prompt_mask, rng, temperature, top_p, **statics)
+    state, prompt_len = _prefill_jit(params, prompt_ids, prompt_mask, rng, *knobs, **statics)
     step = _step_jit_by_donation[jax.default_backend() != "cpu"]
     step_statics = dict(statics, prompt_width=prompt_ids.shape[1], decode_attention=decode_attention)
     del step_statics["max_new_tokens"]
     for _ in range(1, statics["max_new_tokens"]):
         if bool(jnp.all(state[2])):  # the per-token host sync the fast path removes
             break
-        state = step(params, state, prompt_len, rng, temperature, top_p, **step_statics)
+        state = step(params, state, prompt_len, rng, *knobs, **step_statics)
     tokens = state[1]
     mask, lengths = completion_mask_from_tokens(tokens, int(eos_id))
     return tokens, mask, lengths

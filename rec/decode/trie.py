@@ -207,3 +207,13 @@ def _token_lookup(token_to_id) -> Callable[[str], int | None]:
     if callable(token_to_id):
         return token_to_id
     raise TypeError(f"token_to_id must be a tokenizer, mapping or callable, not {type(token_to_id).__name__}")
+
+
+def trie_from_catalogue(catalogue, tokenizer) -> SidTrie:
+    """The trie of every distinct SID of a `rec.data.dataset.Catalogue`, with the tokenizer's "\\n"
+    (must be one token) and EOS ids as the forced suffix."""
+    from rec.tokenizer import newline_id  # noqa: PLC0415 (tokenizer imports transformers)
+
+    if tokenizer.eos_token_id is None:
+        raise RecError("tokenizer has no eos_token: the SID decoder needs one to end a SID")
+    return trie_from_sids(catalogue.all_sids, tokenizer, newline_id(tokenizer), int(tokenizer.eos_token_id))

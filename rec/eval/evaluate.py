@@ -50,11 +50,16 @@ def check_rows(path: str, rows, catalogue_sids: set[str], line_numbers: Sequence
             raise RecError(f"{path}:{line}: unknown SID {unknown[0]} in column '{what}' (not in info.txt/index.json)")
 
 
-def choose_buckets(lengths: Sequence[int], multiple: int = 16, quantiles: Sequence[float] = (0.5, 0.9, 1.0)) -> list[int]:
+def choose_buckets(
+    lengths: Sequence[int], multiple: int = 16, quantiles: Sequence[float] = (0.5, 0.9, 1.0), min_rows_per_bucket: int = 0
+) -> list[int]:
     """A few padded prompt lengths covering every prompt: the given length quantiles rounded up to
-    `multiple` (so at most len(quantiles) compiles, and the longest prompt always fits)."""
+    `multiple` (so at most len(quantiles) compiles, and the longest prompt always fits). With fewer
+    than `min_rows_per_bucket` rows per quantile, one bucket: compiling would cost more than padding."""
     if not lengths:
         raise ValueError("no prompts")
+    if len(lengths) < min_rows_per_bucket * len(quantiles):
+        quantiles = (1.0,)
     ordered = sorted(lengths)
     buckets = set()
     for q in quantiles:
@@ -175,7 +180,8 @@ def run_eval(cfg) -> dict:
     prompts = [eval_prompt(r.history_sids, r.item_sid, style=cfg.eval.prompt) for r in rows]
     token_lists = [encode(tok, p.header) + encode(tok, p.body) for p in prompts]
     lengths = [len(t) for t in token_lists]
-    buckets = choose_buckets(lengths)
+    # A compile costs about as much as decoding a few dozen batches on CPU and a few on TPU.
+    buckets = choose_buckets(lengths, min_rows_per_bucket=16 * cfg.eval.batch_size)
     batch_size = cfg.eval.batch_size
     plan = plan_batches(lengths, buckets, batch_size)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

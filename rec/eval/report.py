@@ -21,6 +21,7 @@ import io
 import json
 import math
 import posixpath
+import re
 from collections.abc import Sequence
 
 from rec import storage
@@ -59,8 +60,8 @@ def read_metrics_jsonl(path: str) -> list[dict]:
 
 
 def series_by_key(records: list[dict]) -> dict[str, tuple[list[float], list[float]]]:
-    """{key: (steps, values)} for every numeric scalar logged with a step (stage-prefixed when the
-    records carry a stage and the key has no prefix yet)."""
+    """{"<stage>/<key>": (steps, values)} for every finite numeric scalar logged with a step (keys
+    already starting with their stage, or records without a stage, keep their own name)."""
     out: dict[str, tuple[list[float], list[float]]] = {}
     for record in records:
         step = record.get("step")
@@ -68,11 +69,12 @@ def series_by_key(records: list[dict]) -> dict[str, tuple[list[float], list[floa
             continue
         stage = record.get("stage")
         for key, value in record.items():
-            if key in ("step", "stage", "time", "timestamp", "epoch_position"):
+            if key in ("step", "stage", "time", "timestamp"):
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 continue
-            name = key if ("/" in key or not isinstance(stage, str)) else f"{stage}/{key}"
+            prefixed = isinstance(stage, str) and stage and not key.startswith(stage + "/")
+            name = f"{stage}/{key}" if prefixed else key
             steps, values = out.setdefault(name, ([], []))
             steps.append(float(step))
             values.append(float(value))
@@ -183,16 +185,44 @@ def plot_eval_bars(rows: list[tuple[str, dict[int, float], dict[int, float]]]) -
 
 
 def _is_loss(key: str) -> bool:
-    return "loss" in key.lower()
+    low = key.lower()
+    return "loss" in low and "best" not in low
 
 
 def _is_reward(key: str) -> bool:
-    return "reward" in key.lower()
-
-
-def _is_eval_metric(key: str) -> bool:
     low = key.lower()
-    return ("hr@" in low or "ndcg@" in low) and not _is_loss(key)
+    if "reward" in low:
+        return not low.endswith("_std")
+    return low.endswith("hit_rate")
+
+
+_VAL_METRIC = re.compile(r"(?:^|/)(?:val/|val_)?(hr|ndcg)@(\d+)$")
+
+
+def _val_metric_selector(runs: Sequence[RunData]):
+    """HR/NDCG logged during training, at K = 10 when logged (else the largest K): one pair of
+    lines per stage instead of a dozen."""
+    ks = {int(m.group(2)) for r in runs for k in r.series if (m := _VAL_METRIC.search(k))}
+    if not ks:
+        return lambda key: False
+    chosen = 10 if 10 in ks else max(ks)
+
+    def select(key: str) -> bool:
+        match = _VAL_METRIC.search(key)
+        return bool(match) and int(match.group(2)) == chosen
+
+    return select
+
+
+def _stages(runs: Sequence[RunData]) -> list[str]:
+    """Stage prefixes of the logged series, in first-seen order ("" for unprefixed keys)."""
+    stages: list[str] = []
+    for run in runs:
+        for key in run.series:
+            stage = key.split("/", 1)[0] if "/" in key else ""
+            if stage not in stages:
+                stages.append(stage)
+    return stages
 
 
 def _img(b64: str | None, alt: str) -> str:
@@ -292,11 +322,16 @@ def render_report(runs: Sequence[RunData], title: str = "rec report", baselines:
     parts.append(baseline_table(baselines))
 
     parts.append("<h2>Training</h2>")
-    curves = [
-        plot_curves(runs, _is_loss, "Loss (training and validation)", "loss"),
-        plot_curves(runs, _is_reward, "RL reward", "reward"),
-        plot_curves(runs, _is_eval_metric, "Validation HR/NDCG during training", "value"),
-    ]
+    val_selector = _val_metric_selector(runs)
+    curves = []
+    for stage in _stages(runs):
+        in_stage = (lambda k, s=stage: k.startswith(s + "/")) if stage else (lambda k: "/" not in k)
+        label = stage.upper() if stage else "metrics"
+        curves += [
+            plot_curves(runs, lambda k, f=in_stage: f(k) and _is_loss(k), f"{label}: loss", "loss"),
+            plot_curves(runs, lambda k, f=in_stage: f(k) and _is_reward(k), f"{label}: reward and hit rate", "value"),
+            plot_curves(runs, lambda k, f=in_stage: f(k) and val_selector(k), f"{label}: validation HR / NDCG", "value"),
+        ]
     if not any(curves):
         parts.append("<p>No metrics.jsonl found.</p>")
     parts += [_img(c, "training curve") for c in curves]

@@ -31,8 +31,9 @@ CONFIG = "config.json"
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
-# Files of a model directory that are weights/config, not tokenizer (not copied as tokenizer files).
-_MODEL_FILES = {CONFIG, INDEX, "generation_config.json"}
+# Files of a model directory that save_hf writes itself (never copied from the tokenizer directory);
+# generation_config.json does get copied, it carries the eos ids generation needs.
+_MODEL_FILES = {CONFIG, INDEX}
 _MODEL_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
 
 _NP_DTYPES = {
@@ -55,7 +56,7 @@ def _np_dtype(dtype: Any, what: str) -> np.dtype:
 
 def _layer_tensors(shape: ModelShape) -> list[tuple[str, tuple[str, ...], tuple[int, ...], bool]]:
     """(HF suffix after model.layers.{i}., our path under layers/, HF shape, transposed) per layer tensor."""
-    H, I = shape.hidden_size, shape.intermediate_size
+    H, inter = shape.hidden_size, shape.intermediate_size
     q_dim, kv_dim = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
     return [
         ("input_layernorm.weight", ("input_layernorm", "scale"), (H,), False),
@@ -67,9 +68,9 @@ def _layer_tensors(shape: ModelShape) -> list[tuple[str, tuple[str, ...], tuple[
         ("self_attn.v_proj.bias", ("self_attn", "v_proj", "bias"), (kv_dim,), False),
         ("self_attn.o_proj.weight", ("self_attn", "o_proj", "kernel"), (H, q_dim), True),
         ("post_attention_layernorm.weight", ("post_attention_layernorm", "scale"), (H,), False),
-        ("mlp.gate_proj.weight", ("mlp", "gate_proj", "kernel"), (I, H), True),
-        ("mlp.up_proj.weight", ("mlp", "up_proj", "kernel"), (I, H), True),
-        ("mlp.down_proj.weight", ("mlp", "down_proj", "kernel"), (H, I), True),
+        ("mlp.gate_proj.weight", ("mlp", "gate_proj", "kernel"), (inter, H), True),
+        ("mlp.up_proj.weight", ("mlp", "up_proj", "kernel"), (inter, H), True),
+        ("mlp.down_proj.weight", ("mlp", "down_proj", "kernel"), (H, inter), True),
     ]
 
 
@@ -156,16 +157,21 @@ class _Reader:
         except Exception as exc:
             raise RecError(f"{path}: cannot read tensor {name!r} ({exc})") from None
         if tuple(array.shape) != tuple(expected):
-            raise RecError(f"{path}: tensor {name!r} has shape {list(array.shape)}, config.json implies {list(expected)}")
+            raise RecError(
+                f"{path}: tensor {name!r} has shape {list(array.shape)}, config.json implies {list(expected)}"
+            )
         return array
 
 
 def load_hf(
     model_dir: str, param_dtype: Any = "float32", vocab_multiple: int = 1, progress: bool = True
 ) -> tuple[ModelShape, Params]:
-    """(shape, params) from a HF Qwen2 directory; embedding rows padded to `vocab_multiple`."""
-    import jax.numpy as jnp
+    """(shape, params) from a HF Qwen2 directory; embedding rows padded to `vocab_multiple`.
 
+    The arrays are host numpy arrays (bfloat16 via ml_dtypes): nothing lands on an accelerator
+    until the caller places the tree on its mesh (`rec.dist.shard_params`), so a model larger than
+    one chip's memory still loads.
+    """
     np_dtype = _np_dtype(param_dtype, "param_dtype")
     config = read_hf_config(model_dir)
     shape = ModelShape.from_hf_config(config, source=storage.join(model_dir, CONFIG))
@@ -182,8 +188,13 @@ def load_hf(
     params: dict = {}
     per_layer = _layer_tensors(shape)
     total = L * len(per_layer) + 2 + (0 if tied else 1)
-    bar = tqdm(total=total, desc=f"load {os.path.basename(model_dir.rstrip('/'))}", file=sys.stderr,
-               disable=not progress, leave=False)
+    bar = tqdm(
+        total=total,
+        desc=f"load {os.path.basename(model_dir.rstrip('/'))}",
+        file=sys.stderr,
+        disable=not progress,
+        leave=False,
+    )
 
     embedding = np.zeros((vpad, H), np_dtype)
     embedding[:V] = reader.get("model.embed_tokens.weight", (V, H)).astype(np_dtype)
@@ -191,7 +202,7 @@ def load_hf(
     bar.update()
     # Stacked [L, ...] buffers filled layer by layer (no list-then-stack copy).
     stacked = {}
-    for suffix, path, hf_shape, transposed in per_layer:
+    for suffix, _, hf_shape, transposed in per_layer:
         ours = hf_shape[::-1] if transposed else hf_shape
         stacked[suffix] = np.empty((L, *ours), np_dtype)
     for i in range(L):
@@ -211,9 +222,7 @@ def load_hf(
         params["lm_head"] = {"kernel": head}
         bar.update()
     bar.close()
-    import jax
-
-    return shape, jax.tree_util.tree_map(jnp.asarray, params)
+    return shape, params
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,10 +242,16 @@ def _hf_tensors(shape: ModelShape, params: Params, np_dtype: np.dtype) -> Iterat
     for i in range(shape.num_layers):
         for suffix, path, _, transposed in per_layer:
             array = host(_get_path(params["layers"], path)[i])
-            yield f"model.layers.{i}.{suffix}", np.ascontiguousarray(array.T if transposed else array).astype(np_dtype)
+            yield (
+                f"model.layers.{i}.{suffix}",
+                np.ascontiguousarray(array.T if transposed else array).astype(np_dtype),
+            )
     yield "model.norm.weight", host(params["norm"]["scale"]).astype(np_dtype)
     if not shape.tie_embeddings:
-        yield "lm_head.weight", np.ascontiguousarray(host(params["lm_head"]["kernel"])[:, :V].T).astype(np_dtype)
+        yield (
+            "lm_head.weight",
+            np.ascontiguousarray(host(params["lm_head"]["kernel"])[:, :V].T).astype(np_dtype),
+        )
 
 
 def _tensor_nbytes(shape: ModelShape, itemsize: int) -> list[tuple[str, int]]:
@@ -278,7 +293,8 @@ def _check_params(shape: ModelShape, params: Params) -> None:
 def _remove_stale(out_dir: str, keep: set[str]) -> None:
     """Delete weight files of an earlier export that the new one does not overwrite."""
     stale = [
-        n for n in (storage.listdir(out_dir) if storage.isdir(out_dir) else [])
+        n
+        for n in (storage.listdir(out_dir) if storage.isdir(out_dir) else [])
         if (n.endswith(".safetensors") or n == INDEX) and n not in keep
     ]
     for name in stale:
@@ -291,7 +307,7 @@ def _remove_stale(out_dir: str, keep: set[str]) -> None:
 
 
 def copy_tokenizer_files(tokenizer_dir: str, out_dir: str) -> list[str]:
-    """Copy the tokenizer files (not weights/config) of `tokenizer_dir` into `out_dir`."""
+    """Copy the tokenizer files (and generation_config.json, not weights/config) into `out_dir`."""
     copied = []
     for name in storage.listdir(tokenizer_dir):
         src = storage.join(tokenizer_dir, name)
@@ -336,8 +352,13 @@ def save_hf(
     _remove_stale(out_dir, keep)
 
     tensors = _hf_tensors(shape, params, np_dtype)
-    bar = tqdm(total=len(sizes), desc=f"save {os.path.basename(out_dir.rstrip('/'))}", file=sys.stderr,
-               disable=not progress, leave=False)
+    bar = tqdm(
+        total=len(sizes),
+        desc=f"save {os.path.basename(out_dir.rstrip('/'))}",
+        file=sys.stderr,
+        disable=not progress,
+        leave=False,
+    )
     metadata = {"format": "pt"}  # transformers' loader expects this tag
     for names in shards:
         chunk = {}
@@ -350,7 +371,10 @@ def save_hf(
         del chunk
     bar.close()
     if n > 1:
-        index = {"metadata": {"total_size": sum(b for _, b in sizes)}, "weight_map": dict(sorted(file_of.items()))}
+        index = {
+            "metadata": {"total_size": sum(b for _, b in sizes)},
+            "weight_map": dict(sorted(file_of.items())),
+        }
         storage.write_text(storage.join(out_dir, INDEX), json.dumps(index, indent=2) + "\n")
     if tokenizer_dir:
         copy_tokenizer_files(tokenizer_dir, out_dir)
@@ -371,7 +395,9 @@ def export_model(model_path: str, out: str, checkpoint: str = "", dtype: str = "
     _np_dtype(dtype, "--dtype")
     if is_hf_dir(model_path):
         if checkpoint:
-            raise RecError(f"{model_path}: --checkpoint applies to run directories, this is a Hugging Face directory")
+            raise RecError(
+                f"{model_path}: --checkpoint applies to run directories, this is a Hugging Face directory"
+            )
         # Loading in the export dtype is lossless for bf16 checkpoints and halves host memory.
         shape, params = load_hf(model_path, param_dtype=dtype)
         tokenizer_dir = model_path
@@ -380,12 +406,14 @@ def export_model(model_path: str, out: str, checkpoint: str = "", dtype: str = "
     ):
         from rec.checkpoint import load_params
 
-        shape, params = load_params(model_path, checkpoint)
+        shape, params = load_params(model_path, checkpoint, dtype=dtype)
         tokenizer_dir = storage.join(model_path, "tokenizer")
         if not storage.isdir(tokenizer_dir):
             tokenizer_dir = None
     else:
-        raise RecError(f"{model_path}: neither a Hugging Face model directory (config.json) nor a run directory")
+        raise RecError(
+            f"{model_path}: neither a Hugging Face model directory (config.json) nor a run directory"
+        )
     if posixpath.normpath(str(out)) == posixpath.normpath(str(model_path)):
         raise RecError(f"{out}: export target is the source directory")
     save_hf(out, shape, params, dtype=dtype, tokenizer_dir=tokenizer_dir)

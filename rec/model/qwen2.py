@@ -93,11 +93,20 @@ class ModelShape:
         # transformers 5 moved rope_theta (and scaling) into `rope_parameters`.
         rope = config.get("rope_parameters") or {}
         scaling = config.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type") or rope.get("type") or scaling.get("rope_type") or scaling.get("type")
-        if rope_type not in (None, "default"):
-            raise RecError(f"{source}: rope type {rope_type!r} is not supported (only the default RoPE)")
+        for section in (rope, scaling):
+            rope_type = section.get("rope_type") or section.get("type")
+            if rope_type not in (None, "default"):
+                raise RecError(f"{source}: rope type {rope_type!r} is not supported (only the default RoPE)")
+        if config.get("use_sliding_window"):
+            raise RecError(f"{source}: use_sliding_window=true is not supported (full attention only)")
         theta = config.get("rope_theta", rope.get("rope_theta", 10000.0))
-        required = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
+        required = [
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+        ]
         for key in required:
             if key not in config:
                 raise RecError(f"{source}: missing key {key!r}")
@@ -200,10 +209,12 @@ def get_shape(name: str, key: str = "model.shape") -> ModelShape:
 # Parameters
 
 
-def init_params(shape: ModelShape, key: jax.Array, param_dtype: Any = jnp.float32, vocab_multiple: int = 1) -> Params:
+def init_params(
+    shape: ModelShape, key: jax.Array, param_dtype: Any = jnp.float32, vocab_multiple: int = 1
+) -> Params:
     """Random parameters like HF's init (normal std 0.02, zero biases, unit norms, zero pad rows)."""
     dtype = jnp.dtype(param_dtype)
-    L, H, I = shape.num_layers, shape.hidden_size, shape.intermediate_size
+    L, H, inter = shape.num_layers, shape.hidden_size, shape.intermediate_size
     q_dim, kv_dim = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
     vpad = shape.padded_vocab(vocab_multiple)
     keys = iter(jax.random.split(key, 9))
@@ -226,9 +237,9 @@ def init_params(shape: ModelShape, key: jax.Array, param_dtype: Any = jnp.float3
             },
             "post_attention_layernorm": {"scale": jnp.ones((L, H), dtype)},
             "mlp": {
-                "gate_proj": {"kernel": normal((L, H, I))},
-                "up_proj": {"kernel": normal((L, H, I))},
-                "down_proj": {"kernel": normal((L, I, H))},
+                "gate_proj": {"kernel": normal((L, H, inter))},
+                "up_proj": {"kernel": normal((L, H, inter))},
+                "down_proj": {"kernel": normal((L, inter, H))},
             },
         },
         "norm": {"scale": jnp.ones((H,), dtype)},
@@ -256,9 +267,9 @@ def flops_per_token(shape: ModelShape, seq_len: int, training: bool = True) -> f
     PaLM). Training is 3x the forward pass (forward + two backward matmuls). Embedding lookups are
     free; the LM head is a matmul and counts.
     """
-    H, I, L = shape.hidden_size, shape.intermediate_size, shape.num_layers
+    H, inter, L = shape.hidden_size, shape.intermediate_size, shape.num_layers
     q_dim, kv_dim = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
-    per_layer = H * q_dim + 2 * H * kv_dim + q_dim * H + 3 * H * I
+    per_layer = H * q_dim + 2 * H * kv_dim + q_dim * H + 3 * H * inter
     matmul_params = L * per_layer + H * shape.vocab_size
     forward = 2.0 * matmul_params + 4.0 * L * seq_len * q_dim
     return 3.0 * forward if training else forward
@@ -296,7 +307,9 @@ def partition_specs(params: Params, rules: list[tuple[str, P]] = PARTITION_RULES
         for pattern, pspec in rules:
             if re.search(pattern, name):
                 if len(pspec) > np.ndim(leaf):
-                    raise RecError(f"partition rule {pattern!r}: spec {pspec} has more axes than {name} {leaf.shape}")
+                    raise RecError(
+                        f"partition rule {pattern!r}: spec {pspec} has more axes than {name} {leaf.shape}"
+                    )
                 return pspec
         return P()
 
@@ -385,7 +398,9 @@ def fast_decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax
 # Forward
 
 
-def init_cache(shape: ModelShape, batch: int, max_len: int, dtype: Any = jnp.bfloat16) -> dict[str, jax.Array]:
+def init_cache(
+    shape: ModelShape, batch: int, max_len: int, dtype: Any = jnp.bfloat16
+) -> dict[str, jax.Array]:
     """Zeroed KV cache {"k","v": [L,B,S,Hkv,D]}."""
     dims = (shape.num_layers, batch, max_len, shape.num_kv_heads, shape.head_dim)
     return {"k": jnp.zeros(dims, dtype), "v": jnp.zeros(dims, dtype)}
@@ -437,10 +452,16 @@ def forward(
     Hq, Hkv, D = shape.num_heads, shape.num_kv_heads, shape.head_dim
     eps = shape.rms_norm_eps
 
-    x = jnp.take(params["embed_tokens"]["embedding"], tokens, axis=0).astype(cdtype)
+    # mode="clip": an out-of-range id in a padding slot (e.g. -1) must not become a NaN row that
+    # leaks through 0-weight attention (0 * NaN = NaN); valid ids are unaffected.
+    x = jnp.take(params["embed_tokens"]["embedding"], tokens, axis=0, mode="clip").astype(cdtype)
     cos, sin = rope_cos_sin(positions, D, shape.rope_theta)
     mask = mask.astype(bool)
 
+    expected_mask = (B, T) if cache is None else (B, cache["k"].shape[2])
+    if mask.shape != expected_mask:
+        # A [B,1] decode mask would silently broadcast over every cache slot.
+        raise ValueError(f"mask has shape {mask.shape}, expected {expected_mask} ([B,T] without a cache, [B,S] with)")
     if cache is None:
         causal = jnp.tril(jnp.ones((T, T), bool))
         allowed = causal[None] & mask[:, None, :]  # [B,T,T]
@@ -496,14 +517,14 @@ def forward(
         # XLA updates it in place instead of re-stacking all layers every call.
         def body(carry, xs):
             x, k_all, v_all = carry
-            lp, l = xs
+            lp, layer_id = xs
             layer_cache = (
-                lax.dynamic_index_in_dim(k_all, l, axis=0, keepdims=False),
-                lax.dynamic_index_in_dim(v_all, l, axis=0, keepdims=False),
+                lax.dynamic_index_in_dim(k_all, layer_id, axis=0, keepdims=False),
+                lax.dynamic_index_in_dim(v_all, layer_id, axis=0, keepdims=False),
             )
             x, (k_new, v_new) = layer(x, lp, layer_cache)
-            k_all = lax.dynamic_update_slice(k_all, k_new[None], (l, 0, index, 0, 0))
-            v_all = lax.dynamic_update_slice(v_all, v_new[None], (l, 0, index, 0, 0))
+            k_all = lax.dynamic_update_slice(k_all, k_new[None], (layer_id, 0, index, 0, 0))
+            v_all = lax.dynamic_update_slice(v_all, v_new[None], (layer_id, 0, index, 0, 0))
             return (x, k_all, v_all), None
 
         layer_ids = jnp.arange(shape.num_layers, dtype=jnp.int32)

@@ -10,13 +10,23 @@ from __future__ import annotations
 import dataclasses
 
 import jax.numpy as jnp
+import numpy as np
 
 from rec.errors import RecError
 from rec.model.qwen2 import ModelShape, Params
 
 
-def _grow_rows(table: jnp.ndarray, old_vocab: int, new_vocab: int, rows: int) -> jnp.ndarray:
-    """table [Vpad_old, H] -> [rows, H]: new ids get the mean of rows [0, old_vocab), padding zero."""
+def _grow_rows(table, old_vocab: int, new_vocab: int, rows: int):
+    """table [Vpad_old, H] -> [rows, H]: new ids get the mean of rows [0, old_vocab), padding zero.
+
+    Host numpy tables (fresh from `load_hf`) stay on the host; device arrays stay on device.
+    """
+    if isinstance(table, np.ndarray):
+        mean = table[:old_vocab].astype(np.float32).mean(axis=0).astype(table.dtype)
+        out = np.zeros((rows, table.shape[1]), table.dtype)
+        out[:old_vocab] = table[:old_vocab]
+        out[old_vocab:new_vocab] = mean
+        return out
     mean = jnp.mean(table[:old_vocab].astype(jnp.float32), axis=0).astype(table.dtype)
     out = jnp.zeros((rows, table.shape[1]), table.dtype)
     out = out.at[:old_vocab].set(table[:old_vocab])
@@ -40,7 +50,9 @@ def grow_vocab(
     old_rows = int(params["embed_tokens"]["embedding"].shape[0])
     rows = max(old_rows, new_shape.padded_vocab(vocab_multiple))
     out = dict(params)
-    out["embed_tokens"] = {"embedding": _grow_rows(params["embed_tokens"]["embedding"], shape.vocab_size, new_vocab, rows)}
+    out["embed_tokens"] = {
+        "embedding": _grow_rows(params["embed_tokens"]["embedding"], shape.vocab_size, new_vocab, rows)
+    }
     if not shape.tie_embeddings:
         head = params["lm_head"]["kernel"]  # [H, Vpad]
         out["lm_head"] = {"kernel": _grow_rows(head.T, shape.vocab_size, new_vocab, rows).T}

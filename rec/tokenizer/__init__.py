@@ -46,7 +46,12 @@ def load_tokenizer(directory: str):
     if not any(os.path.exists(os.path.join(local, n)) for n in ("tokenizer.json", "vocab.json", "tokenizer.model")):
         raise RecError(f"{directory}: no tokenizer files (tokenizer.json or vocab.json) in this directory")
     try:
-        tok = transformers.AutoTokenizer.from_pretrained(local, local_files_only=True, use_fast=True)
+        if os.path.exists(os.path.join(local, "tokenizer.json")):
+            # tokenizer.json fully defines a fast tokenizer (pre-tokenizer, merges, added tokens);
+            # loading it directly avoids AutoTokenizer's model-registry import (seconds, pulls torch).
+            tok = transformers.PreTrainedTokenizerFast.from_pretrained(local, local_files_only=True)
+        else:
+            tok = transformers.AutoTokenizer.from_pretrained(local, local_files_only=True, use_fast=True)
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RecError(f"{directory}: cannot load tokenizer ({first})") from None
@@ -98,18 +103,18 @@ def newline_id(tok) -> int:
     return ids[0]
 
 
-def _training_texts(dataset_dir: str) -> list[str]:
+def _training_texts(dataset_dir: str, catalogue) -> list[str]:
     from rec.data import prompts  # noqa: PLC0415
-    from rec.data.dataset import available_splits, category_phrase, load_catalogue, read_split  # noqa: PLC0415
+    from rec.data.dataset import available_splits, category_phrase, read_split  # noqa: PLC0415
 
-    catalogue = load_catalogue(dataset_dir)
     category = category_phrase(dataset_dir)
     texts = list(catalogue.titles)
     for item_id in range(len(catalogue)):
         texts.extend(catalogue.description_texts(item_id))
     # Templates several times so their words become merges even on a tiny vocabulary.
     texts.extend(prompts.template_texts(category) * 20)
-    # A few rows of real prompts, SID tokens stripped (they are added tokens, never BPE'd).
+    # Some title-history prompts: titles in the quoted, tab-joined form the prompts use. (SID
+    # tokens are added tokens, never BPE'd, so SID prompts teach the BPE nothing more.)
     for split in available_splits(dataset_dir)[:1]:
         for row in read_split(dataset_dir, split, limit=200):
             texts.append(prompts.title_history(row.history_titles, row.item_title, category, 0).text)
@@ -123,9 +128,10 @@ def build_tokenizer(dataset_dir: str, out_dir: str, vocab_size: int = 512) -> st
     transformers = _quiet_transformers()
     from rec.data.dataset import load_catalogue  # noqa: PLC0415
 
-    if vocab_size < 258 + 2:
-        raise RecError(f"vocab_size {vocab_size} is too small: a byte-level BPE needs at least 260 (256 bytes + specials)")
-    texts = _training_texts(dataset_dir)
+    if vocab_size < 256 + 2:
+        raise RecError(f"vocab_size {vocab_size} is too small: a byte-level BPE needs at least 258 (256 bytes + 2 specials)")
+    catalogue = load_catalogue(dataset_dir)
+    texts = _training_texts(dataset_dir, catalogue)
     bpe = Tokenizer(models.BPE())
     # Qwen2's split pattern (digits one by one, punctuation keeps its trailing newlines, so
     # "### Response:\n" is 3 tokens as upstream's trie code assumes), then byte-level mapping.
@@ -149,7 +155,7 @@ def build_tokenizer(dataset_dir: str, out_dir: str, vocab_size: int = 512) -> st
         padding_side="left",
         model_max_length=32768,
     )
-    add_sid_tokens(tok, sid_tokens(load_catalogue(dataset_dir)))
+    add_sid_tokens(tok, sid_tokens(catalogue))
     newline_id(tok)  # fail now rather than at decode time
     save_tokenizer(tok, out_dir)
     return out_dir

@@ -14,6 +14,7 @@ What gets rendered (`plan_dataset`, `plan_grpo`):
   k8s/rendered/<dataset>/workflow.yaml  Argo Workflow: sft -> rl -> upload -> eval
   k8s/rendered/grpo-gsm8k/train.yaml    GSM8K GRPO JobSet (v6e-16)
   k8s/rendered/argocd/application.yaml  Argo CD Application over k8s/rendered/ (workflows only)
+  k8s/rendered/cluster/setup.yaml       namespace, service accounts, the Workflow's RBAC (apply once)
 """
 
 from __future__ import annotations
@@ -58,16 +59,16 @@ def _finalize(value: Any) -> Any:
     raise RecError(f"template: value {value!r} inserted without the |q filter (values must go through |q)")
 
 
-_JINJA = None
+_JINJA: dict[str, object] = {}  # one Environment per templates directory
 
 
 def jinja_env(templates_dir: pathlib.Path = TEMPLATES_DIR):
-    global _JINJA
     import jinja2  # noqa: PLC0415 (deployment-only dependency)
 
-    if _JINJA is None or _JINJA.loader.searchpath != [str(templates_dir)]:
-        _JINJA = jinja2.Environment(
-            loader=jinja2.FileSystemLoader(str(templates_dir)),
+    key = str(templates_dir)
+    if key not in _JINJA:
+        env = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(key),
             undefined=jinja2.StrictUndefined,
             finalize=_finalize,
             autoescape=False,
@@ -75,8 +76,9 @@ def jinja_env(templates_dir: pathlib.Path = TEMPLATES_DIR):
             trim_blocks=True,
             lstrip_blocks=True,
         )
-        _JINJA.filters["q"] = _q
-    return _JINJA
+        env.filters["q"] = _q
+        _JINJA[key] = env
+    return _JINJA[key]
 
 
 def render_template(name: str, context: dict, templates_dir: pathlib.Path = TEMPLATES_DIR) -> list[dict]:
@@ -250,8 +252,10 @@ def plan_dataset(env: EnvValues, ds: DatasetValues, run: str) -> tuple[list[Rend
     # The eval pod verifies the handoff's MANIFEST.json before loading anything from it. The shell
     # line is constant text; the values reach it only as environment variables.
     eval_script = (
-        'rec handoff verify "$REC_HANDOFF" && exec rec eval --config "$REC_CONFIG" "run.dir=$REC_RUN_DIR" '
-        '"model.path=$REC_HANDOFF" "model.checkpoint=$REC_TAG" "data.dir=$REC_DATA_DIR" "data.split=$REC_SPLIT"'
+        "set -e\n"
+        'rec handoff verify "$REC_HANDOFF"\n'
+        'exec rec eval --config "$REC_CONFIG" "run.dir=$REC_RUN_DIR" "model.path=$REC_HANDOFF" \\\n'
+        '  "model.checkpoint=$REC_TAG" "data.dir=$REC_DATA_DIR" "data.split=$REC_SPLIT"\n'
     )
     evaluation = render_template("tpu-jobset.yaml.j2", _tpu_context(
         env, name=f"eval-{ds.name}-{run}", component="eval", dataset=ds.name, run=run, slice_shape=V6E_8,
@@ -300,7 +304,16 @@ def plan_grpo(env: EnvValues, grpo: GrpoValues, run: str, environ: dict | None =
     return [RenderedFile(f"{directory}/train.yaml", "tpu-jobset.yaml.j2", docs)], [Step("grpo", f"{directory}/train.yaml", docs[0])]
 
 
-def plan_argocd(env: EnvValues, grpo_dirs: list[str]) -> list[RenderedFile]:
+def plan_cluster(env: EnvValues) -> list[RenderedFile]:
+    docs = render_template("cluster-setup.yaml.j2", {
+        "namespace": env.namespace,
+        "service_account": env.service_account,
+        "workflow_service_account": env.workflow_service_account,
+    })
+    return [RenderedFile("cluster/setup.yaml", "cluster-setup.yaml.j2", docs)]
+
+
+def plan_argocd(env: EnvValues) -> list[RenderedFile]:
     docs = render_template("argocd-application.yaml.j2", {
         "name": f"rec-{env.name}",
         "argocd_namespace": env.argocd_namespace,

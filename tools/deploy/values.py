@@ -159,6 +159,8 @@ def check_env_map(value: Any, where: str) -> dict[str, str]:
         text = str(val)
         if any(ord(c) < 32 for c in text):
             raise RecError(f"{where}.{name} = {_describe(val)}: control characters (line breaks) are not allowed")
+        if "{{" in text:  # these values are also embedded in Argo Workflows, which expand {{...}}
+            raise RecError(f"{where}.{name} = {_describe(val)}: '{{{{' is Argo template syntax and is not allowed")
         out[name] = text
     return dict(sorted(out.items()))
 

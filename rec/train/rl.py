@@ -1,0 +1,495 @@
+"""`rec rl`: recommendation RL, GRPO-style with constrained beam-search rollouts (MiniOneRec §6).
+
+One optimizer step (defaults = upstream rl.sh):
+1. take the next `train.batch_size` (64) prompts of the shuffled RL prompt sets (`rl.tasks`:
+   next-SID from SID history, title/description -> SID, title history -> SID), each carrying its
+   own target SID (upstream bug B7 fixed) and ending at "### Response:\\n" (answer leak B1 fixed);
+2. rollouts: `constrained_beam_search` with G = `rl.generations` (16) beams per prompt, so every
+   completion is a distinct valid SID followed by "\\n" and EOS, ranked by beam score;
+3. rewards (`rl.reward`: rule | ranking_only | ranking = rule + rank penalty, weighted by
+   `rl.reward_weights`), group-normalised advantages (R - mean) / (unbiased std + 1e-4);
+4. per-token log-probs of the completions under the reference model (k3 KL, `rl.beta` 1e-3) and,
+   with `rl.updates_per_batch` > 1, under the rollout policy (PPO ratio clipping, `rl.clip_eps`);
+5. `rl.updates_per_batch` optimizer steps on loss = token-mean per sequence, mean over sequences of
+   -(ratio * A - beta * KL), through the shared jitted train step (gradient accumulation over
+   micro-batches of `train.micro_batch_size` prompts x G completions);
+6. every `rl.ref_sync_every` (512) steps: ref <- (1 - alpha) * ref + alpha * policy (alpha 0.6).
+
+Rollouts also run per micro-batch of `train.micro_batch_size` prompts (bounds the B*G-row KV cache).
+Prompts of a step are left padded to the smallest of `data.length_buckets` that holds them (fixed
+shapes: one compile per bucket). Validation (every `rl.eval_every` steps, 0 = every 10% of the run,
+and at the end): constrained beam search with `rl.eval_beams` beams over the first `rl.eval_limit`
+rows of `data.valid_split` with the eval prompts, HR@K/NDCG@K computed by rec.eval.metrics.
+
+Checkpoints: `rl_last` (policy, optimizer state, step, reference model) at each validation or every
+`train.save_every` steps and at the end; `rl_best` by `rl.best_metric` (e.g. "hr@10") when set.
+A restarted run resumes from `rl_last` (prompt order is a pure function of (seed, step)).
+Every process computes the same rewards (the rollout SIDs are all-gathered: a few KB), so one and
+N processes give the same result over the same global batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rec.errors import RecError
+from rec.train.advantages import compute_advantages
+from rec.train.losses import completion_logprobs, rec_policy_loss
+from rec.train.rewards import recommendation_rewards, sid_hits
+
+log = logging.getLogger("rec.train")
+
+STAGE = "rl"
+LAST_TAG = "rl_last"
+BEST_TAG = "rl_best"
+COMPUTE_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure helpers
+
+
+def epoch_permutation(num_prompts: int, seed: int, epoch: int) -> np.ndarray:
+    """The prompt order of one epoch (a pure function of seed and epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(num_prompts)
+
+
+def step_prompt_indices(rollout_index: int, prompts_per_step: int, num_prompts: int, seed: int) -> np.ndarray:
+    """Indices of the prompts of rollout batch `rollout_index`: consecutive slices of the
+    concatenated per-epoch permutations (a batch may straddle two epochs)."""
+    start = rollout_index * prompts_per_step
+    positions = np.arange(start, start + prompts_per_step)
+    epochs = positions // num_prompts
+    out = np.empty(prompts_per_step, dtype=np.int64)
+    for epoch in np.unique(epochs):
+        order = epoch_permutation(num_prompts, seed, int(epoch))
+        sel = epochs == epoch
+        out[sel] = order[positions[sel] % num_prompts]
+    return out
+
+
+def bucket_length(max_len: int, buckets: list[int]) -> int:
+    """The smallest bucket that holds `max_len` tokens, else the largest (longer prompts are
+    truncated from the left), so a run compiles at most once per bucket."""
+    fitting = [b for b in sorted(buckets) if b >= max_len]
+    return fitting[0] if fitting else max(buckets)
+
+
+def left_pad_prompts(token_lists: list[list[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """[N, length] ids and mask, prompts right-aligned, keeping each prompt's last `length` tokens."""
+    ids = np.full((len(token_lists), length), pad_id, np.int32)
+    mask = np.zeros((len(token_lists), length), np.int32)
+    for i, tokens in enumerate(token_lists):
+        tokens = tokens[-length:]
+        if tokens:
+            ids[i, length - len(tokens) :] = tokens
+            mask[i, length - len(tokens) :] = 1
+    return ids, mask
+
+
+def completion_tokens(sid_ids: np.ndarray, newline_id: int, eos_id: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """[P, G, depth] SID token ids (-1 past a shorter SID) -> completions [P*G, depth + 2]:
+    the SID tokens, "\\n", EOS, then padding (mask 0)."""
+    prompts, group, depth = sid_ids.shape
+    flat = sid_ids.reshape(prompts * group, depth)
+    ids = np.full((flat.shape[0], depth + 2), pad_id, np.int32)
+    mask = np.zeros((flat.shape[0], depth + 2), np.int32)
+    for row, sid in enumerate(flat):
+        tokens = [int(t) for t in sid if t >= 0] + [newline_id, eos_id]
+        ids[row, : len(tokens)] = tokens
+        mask[row, : len(tokens)] = 1
+    return ids, mask
+
+
+def categorical_diversity(completions: list[list[str]]) -> float:
+    """Mean over prompts of (distinct completions / G), as upstream logs it."""
+    return float(np.mean([len(set(group)) / len(group) for group in completions])) if completions else 0.0
+
+
+def reward_metrics(total: np.ndarray, terms: dict[str, np.ndarray], hits: np.ndarray) -> dict[str, float]:
+    """Per-step reward figures: mean/std overall and per reward function, hit rates."""
+    metrics = {
+        "reward": float(total.mean()),
+        "reward_std": float(total.std(axis=1, ddof=1).mean()) if total.shape[1] > 1 else 0.0,
+        "hit_rate": float(hits.any(axis=1).mean()),  # target among the G beams
+        "hit@1": float(hits[:, 0].mean()),
+    }
+    for name, values in terms.items():
+        metrics[f"rewards/{name}_mean"] = float(values.mean())
+        metrics[f"rewards/{name}_std"] = float(values.std())
+    return metrics
+
+
+def mix_reference(ref_params, params, alpha: float):
+    """TRL's SyncRefModelCallback: ref <- (1 - alpha) * ref + alpha * policy."""
+    return jax.tree.map(lambda r, p: ((1.0 - alpha) * r + alpha * p.astype(r.dtype)).astype(r.dtype), ref_params, params)
+
+
+def unsplit_micro_batches(x: jax.Array) -> jax.Array:
+    """Inverse of rec.train.loop.split_micro_batches: [M, B/M, ...] -> [B, ...]."""
+    return jnp.swapaxes(x, 0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+# ---------------------------------------------------------------------------------------------
+# Config checks
+
+
+def check_rl_config(cfg) -> None:
+    rl = cfg.rl
+    if not cfg.data.dir:
+        raise RecError("config: 'data.dir' is empty; set it to a MiniOneRec dataset directory")
+    if rl.generations < 2:
+        raise RecError(f"config: 'rl.generations' must be at least 2 (group-normalised advantages), got {rl.generations}")
+    if rl.updates_per_batch < 1:
+        raise RecError(f"config: 'rl.updates_per_batch' must be >= 1, got {rl.updates_per_batch}")
+    if rl.beta < 0:
+        raise RecError(f"config: 'rl.beta' must be >= 0, got {rl.beta}")
+    if not 0.0 < rl.clip_eps < 1.0:
+        raise RecError(f"config: 'rl.clip_eps' must be in (0, 1), got {rl.clip_eps}")
+    if not 0.0 <= rl.ref_sync_alpha <= 1.0:
+        raise RecError(f"config: 'rl.ref_sync_alpha' must be in [0, 1], got {rl.ref_sync_alpha}")
+    if rl.ref_sync_every < 0 or rl.eval_every < 0:
+        raise RecError("config: 'rl.ref_sync_every' and 'rl.eval_every' must be >= 0")
+    if rl.eval_beams < 1:
+        raise RecError(f"config: 'rl.eval_beams' must be positive, got {rl.eval_beams}")
+    if rl.best_metric and not (rl.best_metric.split("@")[0] in ("hr", "ndcg") and rl.best_metric.split("@")[-1].isdigit()):
+        raise RecError(f"config: 'rl.best_metric' must look like hr@10 or ndcg@5, got {rl.best_metric!r}")
+    if rl.best_metric and int(rl.best_metric.split("@")[1]) > rl.eval_beams:
+        raise RecError(f"config: 'rl.best_metric' {rl.best_metric} needs at least that many 'rl.eval_beams' ({rl.eval_beams})")
+    if not rl.tasks:
+        raise RecError("config: 'rl.tasks' is empty")
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class _Setup:
+    cfg: object
+    mesh: object
+    shape: object
+    tokenizer: object
+    trie: object
+    catalogue: object
+    prompt_ids: list
+    targets: list
+    valid_rows: list
+    pad_id: int
+    newline_id: int
+    eos_id: int
+    compute_dtype: object
+    micro_prompts: int
+    total_steps: int
+    id_to_token: list
+
+
+def _prepare(cfg, mesh, for_bench: bool = False):
+    """Catalogue, rows, model, tokenizer, trie and tokenized prompts."""
+    from rec.data.dataset import load_catalogue, read_split
+    from rec.data.rl import rl_prompt_ids, rl_prompts
+    from rec.decode.trie import trie_from_sids
+    from rec.dist import batch_divisor
+    from rec.tokenizer import newline_id
+    from rec.train.common import load_model_and_tokenizer
+
+    rl, train = cfg.rl, cfg.train
+    catalogue = load_catalogue(cfg.data.dir)
+    rows = read_split(cfg.data.dir, cfg.data.train_split, limit=cfg.data.limit)
+    if not rows:
+        raise RecError(f"{cfg.data.dir}: split '{cfg.data.train_split}' (data.train_split) has no rows")
+    prompts = rl_prompts(catalogue, rows, rl.tasks, seed=cfg.run.seed, seq_title_sample=rl.seq_title_sample)
+    known = set(catalogue.all_sids)
+    for p in prompts:
+        if p.target_sid not in known:
+            raise RecError(f"{cfg.data.dir}: RL target SID {p.target_sid} ({p.task}) is not in the catalogue")
+    valid_rows = []
+    if not for_bench and _validation_enabled(cfg):
+        valid_rows = read_split(cfg.data.dir, cfg.data.valid_split, limit=rl.eval_limit)
+
+    micro = train.micro_batch_size or train.batch_size
+    divisor = batch_divisor(mesh)
+    if micro % divisor:
+        raise RecError(
+            f"config: prompts per rollout/micro-batch ({micro}: train.micro_batch_size, or train.batch_size when 0) "
+            f"must be a multiple of the {divisor} devices on the batch axes of mesh '{cfg.mesh.shape}'"
+        )
+    if valid_rows and cfg.eval.batch_size % divisor:
+        raise RecError(f"config: 'eval.batch_size' ({cfg.eval.batch_size}) must be a multiple of {divisor} devices")
+
+    shape, params, tok = load_model_and_tokenizer(cfg, catalogue, STAGE, mesh=mesh)
+    eos_id = tok.eos_token_id
+    if eos_id is None:
+        raise RecError(f"{cfg.model.path or cfg.model.tokenizer}: the tokenizer has no EOS token")
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else eos_id
+    nl_id = newline_id(tok)
+    trie = trie_from_sids(catalogue.all_sids, tok, nl_id, eos_id)
+    if rl.generations > trie.num_sids:
+        raise RecError(f"config: 'rl.generations' ({rl.generations}) is more than the {trie.num_sids} distinct SIDs")
+    if valid_rows and rl.eval_beams > trie.num_sids:
+        raise RecError(f"config: 'rl.eval_beams' ({rl.eval_beams}) is more than the {trie.num_sids} distinct SIDs")
+    prompt_ids = rl_prompt_ids(tok, prompts, max_prompt_len=cfg.data.max_len)
+
+    rollouts = train.steps and math.ceil(train.steps / rl.updates_per_batch)
+    if not rollouts:
+        rollouts = max(1, math.ceil(train.epochs * len(prompts) / train.batch_size))
+    total_steps = train.steps or rollouts * rl.updates_per_batch
+    setup = _Setup(
+        cfg=cfg, mesh=mesh, shape=shape, tokenizer=tok, trie=trie, catalogue=catalogue, prompt_ids=prompt_ids,
+        targets=[p.target_sid for p in prompts], valid_rows=valid_rows, pad_id=pad_id, newline_id=nl_id,
+        eos_id=eos_id, compute_dtype=COMPUTE_DTYPES[cfg.model.compute_dtype], micro_prompts=micro,
+        total_steps=total_steps, id_to_token=tok.convert_ids_to_tokens(list(range(len(tok)))),
+    )
+    return setup, params
+
+
+def _validation_enabled(cfg) -> bool:
+    return cfg.rl.eval_limit != 0
+
+
+def _eval_every(cfg, total_steps: int) -> int:
+    return cfg.rl.eval_every or max(1, math.ceil(total_steps / 10))
+
+
+def make_loss_fn(shape, compute_dtype, remat: bool, beta: float, clip: bool, clip_eps: float):
+    """loss_fn(params, micro_batch, extra) for rec.train.loop: the policy loss of rec_policy_loss."""
+
+    def loss_fn(params, mb, extra):
+        del extra
+        logp = completion_logprobs(
+            params, shape, mb["prompt_ids"], mb["prompt_mask"], mb["completion_ids"], mb["completion_mask"],
+            compute_dtype=compute_dtype, remat=remat,
+        )
+        loss, metrics = rec_policy_loss(
+            logp, mb["ref_logp"], mb["advantages"], mb["completion_mask"], beta=beta,
+            old_logp=mb["old_logp"] if clip else None, clip_eps=clip_eps, seq_weights=mb["weight"],
+        )
+        return loss, {"weight": mb["weight"].sum(), **metrics}
+
+    return loss_fn
+
+
+def make_score_fn(shape, compute_dtype, num_micro: int):
+    """jitted (params, batch) -> [B, N] completion log-probs, computed micro-batch by micro-batch."""
+    from rec.train.loop import split_micro_batches
+
+    def score(params, batch):
+        keys = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
+        micro = split_micro_batches({k: batch[k] for k in keys}, num_micro)
+
+        def one(mb):
+            return completion_logprobs(
+                params, shape, mb["prompt_ids"], mb["prompt_mask"], mb["completion_ids"], mb["completion_mask"],
+                compute_dtype=compute_dtype,
+            )
+
+        return unsplit_micro_batches(jax.lax.map(one, micro))
+
+    return jax.jit(score)
+
+
+def rollout(setup: _Setup, params, prompt_ids: np.ndarray, prompt_mask: np.ndarray, beams: int) -> np.ndarray:
+    """Constrained beam search over the prompts in chunks of `micro_prompts`; [P, G, depth] on host."""
+    from rec.decode.beam import constrained_beam_search
+    from rec.dist import process_allgather, shard_batch
+
+    chunks = []
+    step = setup.micro_prompts
+    for start in range(0, prompt_ids.shape[0], step):
+        g_ids, g_mask = shard_batch((prompt_ids[start : start + step], prompt_mask[start : start + step]), setup.mesh)
+        sids, _ = constrained_beam_search(params, setup.shape, g_ids, g_mask, setup.trie, beams,
+                                          compute_dtype=setup.compute_dtype)
+        chunks.append(sids)
+    return np.concatenate([np.asarray(process_allgather(s)) for s in chunks], axis=0)
+
+
+def build_train_batch(setup: _Setup, prompt_ids, prompt_mask, sid_ids, advantages) -> dict[str, np.ndarray]:
+    """Host arrays for P prompts x G completions (rows grouped by prompt)."""
+    group = sid_ids.shape[1]
+    comp_ids, comp_mask = completion_tokens(sid_ids, setup.newline_id, setup.eos_id, setup.pad_id)
+    return {
+        "prompt_ids": np.repeat(prompt_ids, group, axis=0),
+        "prompt_mask": np.repeat(prompt_mask, group, axis=0),
+        "completion_ids": comp_ids,
+        "completion_mask": comp_mask,
+        "advantages": advantages.reshape(-1).astype(np.float32),
+        "weight": np.ones(comp_ids.shape[0], np.float32),
+    }
+
+
+def validate(setup: _Setup, params) -> dict[str, float]:
+    """HR@K / NDCG@K on the validation rows with `rl.eval_beams` constrained beams (eval prompts,
+    bucketed like rec eval)."""
+    from rec.data.prompts import eval_prompt
+    from rec.decode.beam import constrained_beam_search, decode_sids
+    from rec.dist import process_allgather, shard_batch
+    from rec.eval.evaluate import choose_buckets, left_pad, plan_batches
+    from rec.eval.metrics import compute_metrics
+    from rec.tokenizer import encode
+
+    cfg, tok = setup.cfg, setup.tokenizer
+    prompts = [eval_prompt(r.history_sids, r.item_sid, style=cfg.eval.prompt) for r in setup.valid_rows]
+    token_lists = [encode(tok, p.header) + encode(tok, p.body) for p in prompts]
+    lengths = [len(t) for t in token_lists]
+    predictions: list = [None] * len(prompts)
+    batch_size = cfg.eval.batch_size
+    for bucket, indices in plan_batches(lengths, choose_buckets(lengths), batch_size):
+        ids, mask = left_pad([token_lists[i] for i in indices], bucket, setup.pad_id, batch_size)
+        g_ids, g_mask = shard_batch((ids, mask), setup.mesh)
+        sids, _ = constrained_beam_search(params, setup.shape, g_ids, g_mask, setup.trie, cfg.rl.eval_beams,
+                                          compute_dtype=setup.compute_dtype)
+        decoded = decode_sids(setup.id_to_token, np.asarray(process_allgather(sids))[: len(indices)])
+        for i, sid_list in zip(indices, decoded, strict=True):
+            predictions[i] = sid_list
+    records = [{"input": p.text, "output": r.item_sid + "\n", "predict": pred}
+               for p, r, pred in zip(prompts, setup.valid_rows, predictions, strict=True)]
+    topk = [k for k in cfg.eval.topk if k <= cfg.rl.eval_beams] or [cfg.rl.eval_beams]
+    metrics = compute_metrics(records, set(setup.catalogue.all_sids), topk)
+    return {k: float(v) for k, v in metrics.items() if "@" in k}
+
+
+def _checkpoint_tree(state, ref_params) -> dict:
+    return {**state.as_dict(), "ref_params": ref_params}
+
+
+def _meta(setup: _Setup, step: int, best: float | None) -> dict:
+    return {
+        "model_config": setup.shape.to_hf_config(setup.cfg.model.param_dtype),
+        "stage": STAGE,
+        "step": int(step),
+        "best_value": best,
+        "best_metric": setup.cfg.rl.best_metric,
+    }
+
+
+def run_rl(cfg) -> dict:
+    """Run recommendation RL as configured; returns the figures merged into run_summary.json."""
+    from rec import checkpoint
+    from rec.dist import init_distributed, is_primary, make_mesh, shard_batch
+    from rec.train.common import prepare_run_dir
+    from rec.train.logging import MetricsLogger, merge_run_summary
+    from rec.train.loop import make_train_step
+    from rec.train.optim import make_optimizer
+    from rec.train.state import abstract_state, init_state, state_shardings
+
+    check_rl_config(cfg)
+    init_distributed()
+    mesh = make_mesh(cfg.mesh.shape)
+    setup, params = _prepare(cfg, mesh)
+    rl = cfg.rl
+    group = rl.generations
+    prompts_per_step = cfg.train.batch_size
+    num_micro = prompts_per_step // setup.micro_prompts
+    clip = rl.updates_per_batch > 1
+
+    optimizer = make_optimizer(cfg.train, setup.total_steps)
+    param_sh = jax.tree.map(lambda p: p.sharding, params)
+    shardings = state_shardings(params, param_sh, optimizer.tx, mesh)
+    state = init_state(params, optimizer.tx, cfg.run.seed, mesh)
+    ref_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=param_sh)(params)
+    del params
+    best_value = None
+
+    resume_step = checkpoint.latest_step(cfg.run.dir, LAST_TAG) if cfg.run.resume else None
+    if resume_step is not None:
+        abstract = abstract_state(ref_params, param_sh, optimizer.tx, mesh, cfg.run.seed)
+        abstract_ref = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=p.sharding), ref_params)
+        values, meta = checkpoint.restore(cfg.run.dir, LAST_TAG, _checkpoint_tree(abstract, abstract_ref))
+        ref_params = values.pop("ref_params")
+        state = type(state).from_dict(values)
+        best_value = meta.get("best_value")
+        print(f"rl: resuming from {LAST_TAG} step {int(state.step)}", file=sys.stderr)
+
+    fast = {"fast_decode_attention": True}  # beam search always uses the decode-specialised attention
+    prepare_run_dir(cfg, STAGE, extra={"total_steps": setup.total_steps, "num_prompts": len(setup.prompt_ids),
+                                       **fast}, tokenizer=setup.tokenizer)
+    start_step = int(state.step)
+    if is_primary():
+        print(f"rl: {len(setup.prompt_ids)} prompts, {setup.total_steps} steps of {prompts_per_step} prompts x "
+              f"{group} beams, reward {rl.reward}, beta {rl.beta}", file=sys.stderr)
+
+    loss_fn = make_loss_fn(setup.shape, setup.compute_dtype, cfg.model.remat, rl.beta, clip, rl.clip_eps)
+    train_step = make_train_step(loss_fn, optimizer, num_micro=num_micro, state_shardings=shardings, mesh=mesh)
+    score_fn = make_score_fn(setup.shape, setup.compute_dtype, num_micro)
+    mix = jax.jit(mix_reference, static_argnums=2, out_shardings=param_sh)
+
+    logger = MetricsLogger(cfg.run.dir, STAGE, cfg, total_steps=setup.total_steps, initial_step=start_step)
+    eval_every = _eval_every(cfg, setup.total_steps)
+    save_every = cfg.train.save_every or eval_every
+    last_val: dict[str, float] = {}
+    last_metrics: dict[str, float] = {}
+    buckets = list(cfg.data.length_buckets)
+    step = start_step
+    try:
+        while step < setup.total_steps:
+            t0 = time.perf_counter()
+            indices = step_prompt_indices(step // rl.updates_per_batch, prompts_per_step, len(setup.prompt_ids),
+                                          cfg.run.seed)
+            token_lists = [setup.prompt_ids[i] for i in indices]
+            length = bucket_length(max(len(t) for t in token_lists), buckets)
+            prompt_ids, prompt_mask = left_pad_prompts(token_lists, length, setup.pad_id)
+            sid_ids = rollout(setup, state.params, prompt_ids, prompt_mask, group)
+            completions = [[("".join(setup.id_to_token[t] for t in beam if t >= 0)) for beam in row] for row in sid_ids]
+            t_rollout = time.perf_counter() - t0
+
+            hits = sid_hits(completions, [setup.targets[i] for i in indices])
+            total, terms = recommendation_rewards(hits, rl.reward, rl.reward_weights)
+            advantages = compute_advantages(total, "grpo")
+            batch = shard_batch(build_train_batch(setup, prompt_ids, prompt_mask, sid_ids, advantages), mesh)
+            batch["ref_logp"] = score_fn(ref_params, batch)
+            batch["old_logp"] = score_fn(state.params, batch) if clip else jnp.zeros_like(batch["ref_logp"])
+            t1 = time.perf_counter()
+            for _ in range(rl.updates_per_batch):
+                state, metrics = train_step(state, batch)
+                step += 1
+                if rl.ref_sync_every and step % rl.ref_sync_every == 0:
+                    ref_params = mix(ref_params, state.params, float(rl.ref_sync_alpha))
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            t_update = time.perf_counter() - t1
+
+            last_metrics = {
+                **reward_metrics(total, terms, hits),
+                "loss": metrics["loss"], "kl": metrics["kl"], "clip_fraction": metrics["clip_fraction"],
+                "grad_norm": metrics["grad_norm"], "lr": metrics["lr"],
+                "categorical_diversity": categorical_diversity(completions),
+                "rollout_s": t_rollout, "update_s": t_update, "step_s": time.perf_counter() - t0,
+            }
+            do_eval = bool(setup.valid_rows) and (step % eval_every == 0 or step == setup.total_steps)
+            if do_eval:
+                t2 = time.perf_counter()
+                last_val = validate(setup, state.params)
+                last_metrics.update({f"val/{k}": v for k, v in last_val.items()})
+                last_metrics["val_s"] = time.perf_counter() - t2
+            logger.log(step, last_metrics)
+            if do_eval and rl.best_metric:
+                value = last_val[rl.best_metric]
+                if best_value is None or value > best_value:
+                    best_value = value
+                    logger.flush()
+                    checkpoint.save(cfg.run.dir, BEST_TAG, state.as_dict(), step, _meta(setup, step, best_value))
+            if step % save_every == 0 or step == setup.total_steps:
+                logger.flush()
+                checkpoint.save(cfg.run.dir, LAST_TAG, _checkpoint_tree(state, ref_params), step,
+                                _meta(setup, step, best_value))
+    finally:
+        logger.close()
+
+    figures = {"train/rl_steps": step}
+    if last_metrics:
+        figures.update({"train/rl_reward": last_metrics["reward"], "train/rl_hit_rate": last_metrics["hit_rate"],
+                        "train/rl_kl": last_metrics["kl"]})
+    figures.update({f"train/rl_val_{k}": v for k, v in last_val.items()})
+    if best_value is not None:
+        figures[f"train/rl_best_{rl.best_metric}"] = best_value
+    merge_run_summary(cfg.run.dir, figures)
+    if is_primary():
+        print(f"rl: done at step {step}; checkpoints in {cfg.run.dir}/checkpoints/{LAST_TAG}", file=sys.stderr)
+    return figures

@@ -1,0 +1,324 @@
+"""`rec sft`: supervised fine-tuning on the MiniOneRec five-task mixture (upstream sft.py recipe).
+
+Flow: join the multi-process run, build the mesh, load model + tokenizer (SID tokens added), build
+the token examples of the task mixture (train split) and of the next-SID task (valid split), then
+run optimizer steps of `train.batch_size` sequences (accumulated over `train.micro_batch_size`
+micro-batches inside one jit) in fixed-shape length buckets.
+
+Validation loss (token mean over the valid split) runs every `train.eval_every` steps (default
+every 5% of the run, as upstream); a lower value saves `sft_best` (parameters only), every
+validation saves `sft_last` (full train state: resumable), and `train.early_stopping_patience`
+validations without improvement stop the run.
+
+Resume: with `run.resume` (default) a restarted run restores the newest `sft_last`: parameters,
+optimizer state, step, RNG, data position (batches consumed; the batch order is a pure function of
+(seed, epoch)) and the early-stopping counters, so it ends in the same state as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rec import checkpoint, dist, storage
+from rec.config import Config, to_dict
+from rec.errors import RecError
+from rec.train.common import load_model_and_tokenizer, prepare_run_dir
+from rec.train.logging import MetricsLogger, merge_run_summary
+from rec.train.loop import chunked_token_logprobs, make_eval_step, make_train_step, shift_labels
+from rec.train.optim import make_optimizer
+from rec.train.state import abstract_state, init_state
+
+log = logging.getLogger("rec.train")
+
+STAGE = "sft"
+BATCH_KEYS = ("input_ids", "labels", "attention_mask", "positions", "weights")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss
+
+
+def make_sft_loss(shape, compute_dtype: str = "bfloat16", remat: bool = True, chunk: int = 128):
+    """loss_fn(params, batch, extra) for rec.train.loop: token-mean cross entropy over labels != -100
+    of rows with weight > 0, computed from hidden states a sequence chunk at a time (f32
+    log-softmax over the full vocabulary; padded vocabulary rows are -inf)."""
+    from rec.model.qwen2 import forward, logits_from_hidden
+
+    dtype = jnp.dtype(compute_dtype)
+
+    def loss_fn(params, batch, extra):
+        hidden, _ = forward(
+            params,
+            shape,
+            batch["input_ids"],
+            batch["positions"],
+            batch["attention_mask"],
+            compute_dtype=dtype,
+            remat=remat,
+            return_hidden=True,
+        )
+        targets = shift_labels(batch["labels"])
+        logprobs = chunked_token_logprobs(hidden, targets, lambda h: logits_from_hidden(params, shape, h), chunk)
+        mask = (targets >= 0).astype(jnp.float32) * batch["weights"][:, None].astype(jnp.float32)
+        count = mask.sum()
+        loss = -(logprobs * mask).sum() / jnp.maximum(count, 1.0)
+        return loss, {"weight": count}
+
+    return loss_fn
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def total_steps_for(train_cfg, batches_per_epoch: int) -> int:
+    """`train.steps` when set, else ceil(epochs × batches per epoch)."""
+    if train_cfg.steps > 0:
+        return int(train_cfg.steps)
+    if train_cfg.epochs <= 0:
+        raise RecError("config: set 'train.steps' or a positive 'train.epochs'")
+    return max(1, int(math.ceil(train_cfg.epochs * batches_per_epoch)))
+
+
+def eval_interval(train_cfg, total_steps: int) -> int:
+    """Steps between validations: `train.eval_every`, else 5% of the run (upstream eval_steps=0.05)."""
+    if train_cfg.eval_every > 0:
+        return int(train_cfg.eval_every)
+    return max(1, int(math.ceil(0.05 * total_steps)))
+
+
+def micro_batches(train_cfg, mesh) -> int:
+    """Number of micro-batches per step; each must split evenly over the batch devices."""
+    micro = train_cfg.micro_batch_size or train_cfg.batch_size
+    devices = dist.batch_divisor(mesh)
+    if micro % devices:
+        raise RecError(
+            f"config: 'train.micro_batch_size' ({micro}) must be a multiple of the {devices} devices on the "
+            "('data','fsdp') mesh axes"
+        )
+    return train_cfg.batch_size // micro
+
+
+def _device_batch(batch: dict, mesh) -> dict:
+    return dist.shard_batch({k: batch[k] for k in BATCH_KEYS}, mesh)
+
+
+def _position(batches_consumed: int, per_epoch: int) -> tuple[int, int]:
+    return batches_consumed // per_epoch, batches_consumed % per_epoch
+
+
+def validation_loss(eval_step, params, valid_examples, batch_size: int, buckets, pad_id: int, mesh) -> float:
+    """Token-mean loss over the whole validation set (fixed order; filler rows weigh 0)."""
+    from rec.data.sft import bucketed_batches
+
+    loss_sum = weight_sum = 0.0
+    for batch in bucketed_batches(valid_examples, batch_size, buckets, seed=0, epoch=0, pad_id=pad_id):
+        out = eval_step(params, _device_batch(batch, mesh))
+        weight = float(out["weight"])
+        loss_sum += float(out["loss"]) * weight
+        weight_sum += weight
+    return loss_sum / max(weight_sum, 1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def run_sft(cfg: Config) -> dict:
+    """Train; returns the `train/*` summary figures (also merged into run_summary.json)."""
+    return _train(cfg)
+
+
+def _load_data(cfg: Config, tokenizer, catalogue):
+    from rec.data.dataset import category_phrase, read_split
+    from rec.data.sft import build_sft_examples, build_valid_examples
+
+    rows = read_split(cfg.data.dir, cfg.data.train_split, limit=cfg.data.limit)
+    if not rows:
+        raise RecError(f"{cfg.data.dir}: split '{cfg.data.train_split}' has no rows (data.train_split)")
+    category = cfg.data.category or category_phrase(cfg.data.dir)
+    progress = cfg.run.progress and dist.is_primary()
+    train = build_sft_examples(tokenizer, catalogue, rows, cfg.data.tasks, category, cfg.run.seed, cfg.data.max_len, progress)
+    valid: list = []
+    if cfg.data.valid_split:
+        valid_rows = read_split(cfg.data.dir, cfg.data.valid_split, limit=cfg.train.eval_limit)
+        valid = build_valid_examples(tokenizer, valid_rows, cfg.data.max_len)
+    return train, valid
+
+
+def _restore_or_init(cfg: Config, catalogue, mesh):
+    """(shape, tokenizer, state, meta) — from the newest sft_last when resuming, else fresh."""
+    from rec.model.qwen2 import ModelShape
+    from rec.tokenizer import load_tokenizer
+
+    run_dir = cfg.run.dir
+    step = checkpoint.latest_step(run_dir, "sft_last") if cfg.run.resume else None
+    if step is not None:
+        if not storage.isdir(storage.join(run_dir, "tokenizer")):
+            raise RecError(f"{run_dir}: has checkpoint sft_last/{step} but no tokenizer/ to resume with")
+        meta = checkpoint.read_meta(run_dir, "sft_last", step)
+        shape = ModelShape.from_hf_config(meta["model_config"])
+        tokenizer = load_tokenizer(storage.join(run_dir, "tokenizer"))
+        saved = checkpoint.params_metadata(run_dir, "sft_last", step)
+        abstract_params = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), saved,
+                                       is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
+        return shape, tokenizer, abstract_params, (step, meta)
+    shape, params, tokenizer = load_model_and_tokenizer(cfg, catalogue, STAGE, mesh)
+    return shape, tokenizer, params, None
+
+
+def _train(cfg: Config, crash_after: int | None = None) -> dict:
+    """The SFT run. `crash_after` (tests only) stops abruptly after that many steps of this
+    invocation, without any final save, like a killed process."""
+    from rec.data.dataset import load_catalogue
+    from rec.data.sft import batch_stream, batches_per_epoch, check_buckets
+    from rec.model.qwen2 import PARTITION_RULES
+
+    if not cfg.data.dir:
+        raise RecError("config: 'data.dir' must name a MiniOneRec dataset directory")
+    dist.init_distributed()
+    mesh = dist.make_mesh(cfg.mesh.shape)
+    num_micro = micro_batches(cfg.train, mesh)
+    buckets = check_buckets(cfg.data.length_buckets)
+    catalogue = load_catalogue(cfg.data.dir)
+
+    shape, tokenizer, params_or_abstract, resumed = _restore_or_init(cfg, catalogue, mesh)
+    train_examples, valid_examples = _load_data(cfg, tokenizer, catalogue)
+    per_epoch = batches_per_epoch([len(e) for e in train_examples], cfg.train.batch_size, buckets)
+    total = total_steps_for(cfg.train, per_epoch)
+    every = eval_interval(cfg.train, total)
+    save_every = cfg.train.save_every or every
+    optimizer = make_optimizer(cfg.train, total)
+
+    if resumed is None:
+        params = params_or_abstract
+        state = init_state(params, optimizer.tx, cfg.run.seed, mesh)
+        progress_meta: dict[str, Any] = {"best_val_loss": None, "best_step": None, "bad_evals": 0, "finished": False}
+    else:
+        step, meta = resumed
+        abstract_params = params_or_abstract
+        param_sh = dist.param_shardings(abstract_params, mesh, PARTITION_RULES)
+        target = abstract_state(abstract_params, param_sh, optimizer.tx, mesh, cfg.run.seed)
+        state, meta = checkpoint.restore(cfg.run.dir, "sft_last", target, step)
+        progress_meta = dict(meta.get("early_stopping") or {})
+        progress_meta.setdefault("finished", False)
+        log.info("resumed sft_last step %d", step)
+
+    pad_id = int(tokenizer.pad_token_id)
+    prepare_run_dir(
+        cfg, STAGE,
+        {"model_config": shape.to_hf_config(cfg.model.param_dtype), "train_examples": len(train_examples),
+         "valid_examples": len(valid_examples), "batches_per_epoch": per_epoch, "total_steps": total,
+         "micro_batches": num_micro},
+        tokenizer,
+    )
+
+    loss_fn = make_sft_loss(shape, cfg.model.compute_dtype, cfg.model.remat)
+    state_sh = jax.tree.map(lambda x: x.sharding, state)
+    step_fn = make_train_step(loss_fn, optimizer, num_micro, state_shardings=state_sh, mesh=mesh)
+    eval_step = make_eval_step(loss_fn, 1)
+    eval_batch = cfg.train.micro_batch_size or cfg.train.batch_size
+
+    start_step = int(state.step)
+    logger = MetricsLogger(cfg.run.dir, STAGE, cfg, total_steps=total, initial_step=start_step)
+
+    def meta_for(state_now, metrics: dict) -> dict:
+        consumed = int(state_now.data_position)
+        epoch, index = _position(consumed, per_epoch)
+        return {
+            "stage": STAGE,
+            "model_config": shape.to_hf_config(cfg.model.param_dtype),
+            "data_position": {"batches": consumed, "epoch": epoch, "batch_index": index, "batches_per_epoch": per_epoch},
+            "rng": [int(x) for x in np.asarray(dist.process_allgather(state_now.rng)).ravel()],
+            "early_stopping": dict(progress_meta),
+            "metrics": metrics,
+            "config": to_dict(cfg),
+        }
+
+    def save_last(state_now, metrics: dict) -> None:
+        logger.flush()
+        checkpoint.save(cfg.run.dir, "sft_last", state_now, int(state_now.step), meta_for(state_now, metrics))
+
+    last_metrics: dict = {}
+    tokens_seen, started = 0, time.perf_counter()
+    stream = batch_stream(train_examples, cfg.train.batch_size, buckets, cfg.run.seed, pad_id,
+                          start=_position(int(state.data_position), per_epoch))
+    steps_this_run = 0
+    step = start_step
+    while step < total and not progress_meta["finished"]:
+        epoch, index, batch = next(stream)
+        t0 = time.perf_counter()
+        state, metrics = step_fn(state, _device_batch(batch, mesh))
+        metrics = {k: float(v) for k, v in metrics.items()}  # syncs: step time is real
+        step = int(state.step)
+        dt = time.perf_counter() - t0
+        real_tokens = int((batch["attention_mask"] * (batch["weights"][:, None] > 0)).sum())
+        tokens_seen += real_tokens
+        metrics.update(tokens_per_s=real_tokens / max(dt, 1e-9), epoch=epoch + (index + 1) / per_epoch,
+                       target_tokens=metrics.pop("weight"))
+        last_metrics = metrics
+        if step % max(cfg.train.log_every, 1) == 0 or step == total:
+            logger.log(step, metrics)
+
+        if valid_examples and (step % every == 0 or step == total):
+            val = validation_loss(eval_step, state.params, valid_examples, eval_batch, buckets, pad_id, mesh)
+            best = progress_meta["best_val_loss"]
+            improved = best is None or val < best
+            if improved:
+                progress_meta.update(best_val_loss=val, best_step=step, bad_evals=0)
+            else:
+                progress_meta["bad_evals"] += 1
+            patience = cfg.train.early_stopping_patience
+            if patience > 0 and progress_meta["bad_evals"] >= patience:
+                progress_meta["finished"] = True
+                log.info("early stopping at step %d (best %.5f at step %s)", step, progress_meta["best_val_loss"], progress_meta["best_step"])
+            logger.log(step, {"val_loss": val, "best_val_loss": progress_meta["best_val_loss"]}, show=True)
+            if improved:
+                checkpoint.save(cfg.run.dir, "sft_best", {"params": state.params}, step,
+                                meta_for(state, dict(metrics, val_loss=val)))
+            save_last(state, dict(metrics, val_loss=val))
+        elif step % save_every == 0:
+            save_last(state, metrics)
+
+        steps_this_run += 1
+        if crash_after is not None and steps_this_run >= crash_after and step < total:
+            logger.close()
+            raise _SimulatedCrash(step)
+
+    # Early stopping is recorded in the meta of the sft_last saved at that validation; reaching
+    # `total` is visible from the step itself. So only an unsaved final step needs a save here.
+    if checkpoint.latest_step(cfg.run.dir, "sft_last") != step:
+        save_last(state, last_metrics)
+    if not valid_examples or checkpoint.latest_step(cfg.run.dir, "sft_best") is None:
+        # No validation set: the final weights are the best we have.
+        checkpoint.save(cfg.run.dir, "sft_best", {"params": state.params}, step, meta_for(state, last_metrics))
+    logger.close()
+
+    elapsed = time.perf_counter() - started
+    summary = {
+        "train/steps": step,
+        "train/total_steps": total,
+        "train/epochs": step / per_epoch,
+        "train/final_loss": last_metrics.get("loss"),
+        "train/best_val_loss": progress_meta.get("best_val_loss"),
+        "train/best_step": progress_meta.get("best_step"),
+        "train/early_stopped": step < total,
+        "train/examples": len(train_examples),
+        "train/tokens_per_s": tokens_seen / elapsed if steps_this_run else None,
+        "train/processes": jax.process_count(),
+        "train/devices": jax.device_count(),
+    }
+    merge_run_summary(cfg.run.dir, summary)
+    dist.sync("sft-done")
+    return summary
+
+
+class _SimulatedCrash(RuntimeError):
+    """Raised by `_train(crash_after=...)` in tests to stand for a killed process."""

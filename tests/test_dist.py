@@ -1,0 +1,143 @@
+"""Mesh shapes, parameter/batch placement and the multi-process environment checks."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from rec import dist
+from rec.errors import RecError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize(
+    "text,devices,expected",
+    [
+        ("auto", 8, (1, 8, 1)),
+        ("2,-1,1", 8, (2, 4, 1)),
+        ("-1,1,2", 8, (4, 1, 2)),
+        ("1, 4 ,2", 8, (1, 4, 2)),
+        ("AUTO", 1, (1, 1, 1)),
+    ],
+)
+def test_parse_mesh_shape(text, devices, expected):
+    assert dist.parse_mesh_shape(text, devices) == expected
+
+
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("2,2", "three sizes"),
+        ("a,b,c", "integers"),
+        ("-1,-1,2", "at most one"),
+        ("3,-1,1", "not divisible"),
+        ("2,2,1", "needs 4 devices"),
+        ("0,8,1", "positive"),
+    ],
+)
+def test_bad_mesh_shape_is_rec_error(text, match):
+    with pytest.raises(RecError, match=match) as info:
+        dist.parse_mesh_shape(text, 8)
+    assert "mesh.shape" in str(info.value)
+
+
+def test_spec_fallback_replicates_indivisible_dims():
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), dist.AXES)
+    rules = [(r"w$", P("fsdp", "tensor"))]
+    spec, notes = dist.spec_for("layer/w", (6, 4), mesh, rules)
+    assert spec == P("fsdp", "tensor") and not notes
+    assert dist.spec_for("other", (3,), mesh, rules)[0] == P(None)
+
+
+def test_init_distributed_env_checks(monkeypatch):
+    for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "TPU_WORKER_HOSTNAMES"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(dist, "_INITIALISED", False)
+    assert dist.expected_process_count() == 1
+    assert dist.expected_process_count({"TPU_WORKER_HOSTNAMES": "h0,h1,h2,h3"}) == 4
+    assert dist.expected_process_count({"TPU_WORKER_HOSTNAMES": "h0"}) == 1
+    with pytest.raises(RecError, match="JAX_NUM_PROCESSES"):
+        dist.expected_process_count({"JAX_NUM_PROCESSES": "two"})
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1234")
+    with pytest.raises(RecError, match="missing JAX_NUM_PROCESSES, JAX_PROCESS_ID"):
+        dist.init_distributed()
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "5")
+    with pytest.raises(RecError, match="outside 0..1"):
+        dist.init_distributed()
+    # One process promised, one present: nothing to join, no error.
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "1")
+    monkeypatch.setenv("JAX_PROCESS_ID", "0")
+    dist.init_distributed()
+    monkeypatch.setattr(dist, "_INITIALISED", False)
+    # A TPU slice of 4 hosts where JAX finds only this one: stop, do not run on 1/4 of the slice.
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS")
+    monkeypatch.delenv("JAX_NUM_PROCESSES")
+    monkeypatch.delenv("JAX_PROCESS_ID")
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "h0,h1,h2,h3")
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: None)
+    with pytest.raises(RecError, match="promised 4 processes but JAX sees 1"):
+        dist.init_distributed()
+    monkeypatch.setattr(dist, "_INITIALISED", False)
+
+
+MESH_SCRIPT = textwrap.dedent(
+    """
+    import os, json
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import jax, numpy as np
+    from jax.sharding import PartitionSpec as P
+    from rec import dist
+    from rec.errors import RecError
+    out = {}
+    for text in ["auto", "2,-1,1", "2,2,2"]:
+        mesh = dist.make_mesh(text)
+        out[text] = [mesh.shape[a] for a in dist.AXES]
+    try:
+        dist.make_mesh("3,3,1")
+    except RecError as exc:
+        out["bad"] = str(exc)
+    mesh = dist.make_mesh("2,2,2")
+    params = {"w": np.arange(48.0).reshape(4, 12), "odd": np.ones((3, 5)), "v": np.ones(6)}
+    rules = [("w", P("fsdp", "tensor")), ("odd", P("fsdp", "tensor")), ("v", P("fsdp"))]
+    placed = dist.shard_params(params, mesh, rules)
+    out["specs"] = {k: [str(s) for s in v.sharding.spec] for k, v in placed.items()}
+    out["w_ok"] = bool(np.array_equal(np.asarray(placed["w"]), params["w"]))
+    full = {"x": np.arange(16).reshape(8, 2)}
+    batch = dist.shard_batch(full, mesh)
+    out["batch_spec"] = [list(s) if isinstance(s, tuple) else s for s in batch["x"].sharding.spec]
+    out["batch_ok"] = bool(np.array_equal(np.asarray(batch["x"]), full["x"]))
+    out["rows"] = dist.process_rows(mesh, 8).tolist()
+    try:
+        dist.process_rows(mesh, 6)
+    except RecError as exc:
+        out["bad_batch"] = str(exc)
+    print(json.dumps(out))
+    """
+)
+
+
+def test_mesh_and_placement_on_8_fake_devices():
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    res = subprocess.run([sys.executable, "-c", MESH_SCRIPT], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    import json
+
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["auto"] == [1, 8, 1]
+    assert out["2,-1,1"] == [2, 4, 1]
+    assert out["2,2,2"] == [2, 2, 2]
+    assert "needs 9 devices, but 8 are available" in out["bad"]
+    assert out["specs"]["w"] == ["fsdp", "tensor"]
+    assert out["specs"]["odd"] == ["None", "None"]  # 3 and 5 not divisible by 2: replicated
+    assert out["specs"]["v"] == ["fsdp"]
+    assert out["w_ok"] and out["batch_ok"]
+    assert out["batch_spec"] == [["data", "fsdp"], None]
+    assert out["rows"] == list(range(8))
+    assert "cannot be split over 4 devices" in out["bad_batch"]

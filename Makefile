@@ -41,7 +41,8 @@ bench: $(VENV)/.ok ## eval benchmark on the tiny shape with the real Office vali
 
 # ---- GKE TPU deployment (docs/DEPLOY.md) ------------------------------------------------------
 # ENV=<k8s/values/env/*.yaml> DATASET=industrial|office (|all for render/status) RUN=<run name>
-# TIMEOUT=<per step, e.g. 48h> DRY_RUN=1 (print the plan only). A missing kube context is one line.
+# TIMEOUT=<per step, e.g. 48h> DRY_RUN=1 (print the plan only) STEP=<sft|rl|upload|eval|grpo> TAIL=<lines>
+# (logs). A missing kube context is one line that says how to get one.
 DEPLOY_ARGS = --env $(ENV) $(if $(RUN),--run $(RUN))
 CLUSTER_ARGS = $(if $(TIMEOUT),--timeout $(TIMEOUT)) $(if $(DRY_RUN),--dry-run)
 
@@ -69,10 +70,13 @@ grpo: $(VENV)/.ok ## GSM8K GRPO on GKE (rollout fast paths on unless ROLLOUT_FAS
 status: $(VENV)/.ok ## state of DATASET's JobSets/Job and GRPO's JobSet
 	$(PY) tools/render.py status $(DEPLOY_ARGS) --dataset $(DATASET) $(if $(DRY_RUN),--dry-run)
 
+logs: $(VENV)/.ok ## last log lines of each pod of STEP (default: DATASET's latest submitted step)
+	$(PY) tools/render.py logs $(DEPLOY_ARGS) --dataset $(DATASET) $(if $(STEP),--step $(STEP)) $(if $(TAIL),--tail $(TAIL))
+
 image: ## build the container image with docker or buildah (IMAGE=..., PUSH=1)
 	ENV=$(ENV) bash image/build.sh
 
 clean: ## remove runs/ and rendered manifests
 	rm -rf runs k8s/rendered
 
-.PHONY: help venv demo test test-fast lint bench render validate train upload eval pipeline grpo status image clean
+.PHONY: help venv demo test test-fast lint bench render validate train upload eval pipeline grpo status logs image clean

@@ -53,11 +53,19 @@ if [ -n "$CONTEXT_ONLY" ]; then
   exit 0
 fi
 
+read_image='
+import sys
+sys.path.insert(0, ".")
+from rec.errors import RecError
+from tools.deploy.values import load_env
+try:
+    print(load_env(sys.argv[1]).image)
+except RecError as exc:
+    sys.exit(f"error: {exc}")
+'
 if [ -z "${IMAGE:-}" ]; then
-  if ! IMAGE="$(cd "$ROOT" && "$PYTHON" -c 'import sys; sys.path.insert(0, "."); from tools.deploy.values import load_env; print(load_env(sys.argv[1]).image)' "$ENV" 2>&1)"; then
-    echo "${IMAGE#error: }" | tail -n 1 | sed 's/^/error: /' >&2
-    exit 2
-  fi
+  # The tag the manifests will run: the env values' `image` (validated like every manifest value).
+  IMAGE="$(cd "$ROOT" && "$PYTHON" -c "$read_image" "$ENV")" || exit 2
 fi
 
 ENGINE="${ENGINE:-}"

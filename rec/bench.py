@@ -23,6 +23,7 @@ import importlib
 import importlib.util
 import json
 import math
+import os
 import time
 
 import numpy as np
@@ -115,12 +116,18 @@ def _device_facts() -> dict:
     import jax
 
     device = jax.devices()[0]
-    return {
+    facts = {
         "device": getattr(device, "device_kind", str(device)),
         "platform": device.platform,
         "num_devices": jax.device_count(),
         "jax": jax.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
+    if device.platform == "cpu" and hasattr(os, "getloadavg"):
+        # CPU figures on a shared machine mean little without the load they were taken under.
+        facts["cpu_count"] = os.cpu_count()
+        facts["host_load_1m"] = round(os.getloadavg()[0], 2)
+    return facts
 
 
 def _utilisation(flops_per_s: float, facts: dict) -> float | None:

@@ -179,6 +179,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise RecError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "3e-3" (no dot) as a string; accept any float literal.
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise RecError(f"{where}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecError(f"{where}: expected a number, got {value!r}")
         return float(value)
@@ -274,6 +280,11 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
 
 def validate(cfg: Config) -> None:
     """Cross-field checks with messages that name the key."""
+    for key in ("fast_generate", "fast_decode_attention"):
+        # YAML 1.1 reads on/off/yes/no as booleans, which the str field turned into "True"/"False".
+        value = getattr(cfg.grpo, key)
+        if value in ("True", "False"):
+            setattr(cfg.grpo, key, "on" if value == "True" else "off")
     choices = {
         "run.wandb_mode": (cfg.run.wandb_mode, {"auto", "online", "offline", "disabled"}),
         "model.param_dtype": (cfg.model.param_dtype, {"float32", "bfloat16"}),

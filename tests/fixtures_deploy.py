@@ -45,9 +45,23 @@ def fake_gcs_server():
     # Own Popen (not the wrapper's start()): stderr goes nowhere, so a chatty server can never
     # block on a full pipe, and the global environment is left alone.
     proc = subprocess.Popen(
-        [str(binary), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1", "-port", str(port),
-         "-external-url", url, "-log-level", "error"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            str(binary),
+            "-scheme",
+            "http",
+            "-backend",
+            "memory",
+            "-host",
+            "127.0.0.1",
+            "-port",
+            str(port),
+            "-external-url",
+            url,
+            "-log-level",
+            "error",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 15
     while True:
@@ -92,6 +106,7 @@ class FakeKube:
         self.objects: dict[tuple[str, str, str], dict] = {}  # (plural, namespace, name) -> object
         self.status_scripts: dict[str, list[dict]] = {}  # name -> statuses returned by successive GETs
         self.pods: dict[str, list[dict]] = {}  # object name -> pods returned for its selector
+        self.logs: dict[str, str] = {}  # pod name -> its log text
         self.created: list[str] = []  # names in creation order
         self.requests: list[tuple[str, str]] = []
         self.lock = threading.Lock()
@@ -124,8 +139,17 @@ def _handler(state: FakeKube):
             self.wfile.write(body)
 
         def _status(self, code: int, reason: str, message: str) -> None:
-            self._send(code, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason,
-                              "message": message, "code": code})
+            self._send(
+                code,
+                {
+                    "kind": "Status",
+                    "apiVersion": "v1",
+                    "status": "Failure",
+                    "reason": reason,
+                    "message": message,
+                    "code": code,
+                },
+            )
 
         def _parts(self):
             url = urllib.parse.urlparse(self.path)
@@ -140,7 +164,7 @@ def _handler(state: FakeKube):
                     body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
                     key = (parts[5], parts[4], body["metadata"]["name"])
                     if key in state.objects:
-                        return self._status(409, "AlreadyExists", f"{parts[5]} \"{key[2]}\" already exists")
+                        return self._status(409, "AlreadyExists", f'{parts[5]} "{key[2]}" already exists')
                     body.setdefault("status", {})
                     state.objects[key] = body
                     state.created.append(key[2])
@@ -154,13 +178,37 @@ def _handler(state: FakeKube):
                 if len(parts) == 7 and parts[0] == "apis" and parts[3] == "namespaces":
                     obj = state.objects.get((parts[5], parts[4], parts[6]))
                     if obj is None:
-                        return self._status(404, "NotFound", f"{parts[5]} \"{parts[6]}\" not found")
+                        return self._status(404, "NotFound", f'{parts[5]} "{parts[6]}" not found')
                     return self._send(200, state._next_status(obj))
+                # /api/v1/namespaces/<ns>/pods/<pod>/log?container=...&tailLines=N
+                if (
+                    parts[:2] == ["api", "v1"]
+                    and len(parts) == 7
+                    and parts[4] == "pods"
+                    and parts[6] == "log"
+                ):
+                    if parts[5] not in state.logs:
+                        return self._status(404, "NotFound", f'pods "{parts[5]}" not found')
+                    tail = int((query.get("tailLines") or ["0"])[0])
+                    lines = (
+                        state.logs[parts[5]].splitlines()[-tail:]
+                        if tail
+                        else state.logs[parts[5]].splitlines()
+                    )
+                    body = "".join(line + "\n" for line in lines).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/plain")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return None
                 # /api/v1/namespaces/<ns>/pods?labelSelector=key=value
                 if parts[:2] == ["api", "v1"] and len(parts) == 5 and parts[4] == "pods":
                     selector = (query.get("labelSelector") or [""])[0]
                     name = selector.split("=", 1)[1] if "=" in selector else ""
-                    return self._send(200, {"kind": "PodList", "apiVersion": "v1", "items": state.pods.get(name, [])})
+                    return self._send(
+                        200, {"kind": "PodList", "apiVersion": "v1", "items": state.pods.get(name, [])}
+                    )
             return self._status(404, "NotFound", "not found")
 
     return Handler
@@ -174,14 +222,22 @@ def fake_kube(tmp_path):
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(json.dumps({
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "fake", "cluster": {"server": f"http://127.0.0.1:{server.server_address[1]}"}}],
-        "users": [{"name": "fake", "user": {"token": "test-token"}}],
-        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake", "namespace": "rec"}}],
-        "current-context": "fake",
-    }))
+    kubeconfig.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [
+                    {"name": "fake", "cluster": {"server": f"http://127.0.0.1:{server.server_address[1]}"}}
+                ],
+                "users": [{"name": "fake", "user": {"token": "test-token"}}],
+                "contexts": [
+                    {"name": "fake", "context": {"cluster": "fake", "user": "fake", "namespace": "rec"}}
+                ],
+                "current-context": "fake",
+            }
+        )
+    )
     yield state, str(kubeconfig)
     server.shutdown()
     server.server_close()

@@ -24,7 +24,9 @@ def _loss(params, batch, extra):
 def _trained_state(steps=3):
     mesh = dist.make_mesh("auto")
     rng = np.random.default_rng(0)
-    params = dist.shard_params({"w": rng.normal(size=(4, 2)).astype(np.float32), "b": np.zeros(2, np.float32)}, mesh, [])
+    params = dist.shard_params(
+        {"w": rng.normal(size=(4, 2)).astype(np.float32), "b": np.zeros(2, np.float32)}, mesh, []
+    )
     opt = make_optimizer(TrainConfig(lr=0.1, warmup_steps=1), 10)
     state = init_state(params, opt.tx, 123, mesh)
     step = make_train_step(_loss, opt, 1, donate=False)
@@ -43,13 +45,15 @@ def _target(state, opt, mesh):
 def _equal_trees(a, b):
     la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
     assert jax.tree.structure(a) == jax.tree.structure(b)
-    return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+    return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb, strict=True))
 
 
 def test_round_trip_restores_params_optimizer_step_rng_position(tmp_path):
     state, opt, mesh = _trained_state()
     run = str(tmp_path / "run")
-    path = checkpoint.save(run, "sft_last", state, int(state.step), {"data_position": {"epoch": 0}, "note": "x"})
+    path = checkpoint.save(
+        run, "sft_last", state, int(state.step), {"data_position": {"epoch": 0}, "note": "x"}
+    )
     assert path.endswith(os.path.join("checkpoints", "sft_last", "3"))
     restored, meta = checkpoint.restore(run, "sft_last", _target(state, opt, mesh))
     assert isinstance(restored, TrainState)
@@ -108,7 +112,9 @@ def test_load_params_reads_model_only_and_casts(tmp_path):
     _, half = checkpoint.load_params(run, "rl_last", mesh=mesh, dtype="bfloat16")
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(half))
     emb = half["embed_tokens"]["embedding"]
-    np.testing.assert_allclose(np.asarray(emb, np.float32), np.asarray(params["embed_tokens"]["embedding"]), rtol=1e-2, atol=1e-3)
+    np.testing.assert_allclose(
+        np.asarray(emb, np.float32), np.asarray(params["embed_tokens"]["embedding"]), rtol=1e-2, atol=1e-3
+    )
 
 
 def test_fresh_process_reads_params_without_having_saved(tmp_path):
@@ -127,6 +133,8 @@ def test_fresh_process_reads_params_without_having_saved(tmp_path):
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root)
-    res = subprocess.run([sys.executable, "-c", code, run], capture_output=True, text=True, env=env, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-c", code, run], capture_output=True, text=True, env=env, timeout=120
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.split() == ["24", "7", "(24,", "64)"]

@@ -1,15 +1,20 @@
 """Sampling generate: nucleus/temperature math, fast (while_loop) vs plain (host loop) drivers,
 fast decode attention within bf16 tolerance, completion masks, no recompilation."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
-jax = pytest.importorskip("jax")
-import jax.numpy as jnp  # noqa: E402
-from hypothesis import assume, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from rec.decode.sampling import TRACE_COUNTS, completion_mask_from_tokens, generate, sample_next_token, top_p_filter  # noqa: E402
+from rec.decode.sampling import (
+    TRACE_COUNTS,
+    completion_mask_from_tokens,
+    generate,
+    sample_next_token,
+    top_p_filter,
+)
 
 EOS, PAD = 1, 0
 
@@ -107,7 +112,7 @@ def test_fast_and_plain_drivers_agree(tiny):
     for temperature, top_p in ((1.5, 0.9), (0.0, 1.0)):  # sampled, then greedy through temperature 0
         fast = run(tiny, temperature=temperature, top_p=top_p, fast_generate=True)
         plain = run(tiny, temperature=temperature, top_p=top_p, fast_generate=False)
-        for a, b in zip(fast, plain):
+        for a, b in zip(fast, plain, strict=True):
             np.testing.assert_array_equal(a, b)
         tokens, mask, lengths = fast
         assert tokens.shape == mask.shape == (4, 10) and (tokens < 100).all()  # never a padded-vocab row
@@ -126,7 +131,7 @@ def test_rows_stop_at_eos(tiny):
     eos = int(probe[0, 0])
     fast = run(tiny, temperature=0.0, eos_id=eos)
     plain = run(tiny, temperature=0.0, eos_id=eos, fast_generate=False)
-    for a, b in zip(fast, plain):
+    for a, b in zip(fast, plain, strict=True):
         np.testing.assert_array_equal(a, b)
     tokens, mask, lengths = fast
     assert lengths[0] == 1 and tokens[0, 0] == eos and (tokens[0, 1:] == PAD).all()
@@ -151,3 +156,17 @@ def test_fast_attention_is_argmax_within_bf16_tolerance(tiny):
     chosen = np.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
     gap = (logits.max(-1) - chosen)[comp_mask == 1]
     assert gap.max() < 0.05 * max(1.0, float(np.abs(logits).max()))
+
+
+def test_rollout_fast_paths_default_on_and_env_opt_out(monkeypatch):
+    from rec.decode.sampling import rollout_fast_paths
+
+    monkeypatch.delenv("ROLLOUT_FAST_GENERATE", raising=False)
+    monkeypatch.delenv("ROLLOUT_FAST_QWEN2_DECODE_ATTENTION", raising=False)
+    assert rollout_fast_paths() == (True, True)
+    assert rollout_fast_paths("off", "on") == (False, True)
+    monkeypatch.setenv("ROLLOUT_FAST_GENERATE", "0")
+    assert rollout_fast_paths() == (False, True)
+    monkeypatch.setenv("ROLLOUT_FAST_QWEN2_DECODE_ATTENTION", "0")
+    monkeypatch.setenv("ROLLOUT_FAST_GENERATE", "1")
+    assert rollout_fast_paths("off", "on") == (True, False)

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from rec.decode.beam import decode_sids
 from rec.decode.trie import SidTrie, build_trie, split_sid, trie_from_catalogue, trie_from_sids
 from rec.errors import RecError
 
@@ -98,3 +99,4 @@ def test_from_catalogue_with_the_synthetic_tokenizer(synth_dataset_dir, synth_to
     for sid in catalogue.all_sids[:10]:
         ids = tok.convert_tokens_to_ids(split_sid(sid))
         assert trie.contains(ids)
+        assert decode_sids(tok, [[ids]]) == [[sid]]

@@ -13,23 +13,53 @@ from tools import render
 from tools.deploy import kube
 
 RUNNING_JS = {"replicatedJobsStatus": [{"name": "slice", "active": 1, "ready": 1}]}
-DONE_JS = {"terminalState": "Completed", "conditions": [{"type": "Completed", "status": "True", "message": "jobset completed"}]}
-FAILED_JS = {"terminalState": "Failed", "restarts": 3, "conditions": [
-    {"type": "Failed", "status": "True", "reason": "ReachedMaxRestarts", "message": "jobset failed due to reaching max number of restarts"}]}
+DONE_JS = {
+    "terminalState": "Completed",
+    "conditions": [{"type": "Completed", "status": "True", "message": "jobset completed"}],
+}
+FAILED_JS = {
+    "terminalState": "Failed",
+    "restarts": 3,
+    "conditions": [
+        {
+            "type": "Failed",
+            "status": "True",
+            "reason": "ReachedMaxRestarts",
+            "message": "jobset failed due to reaching max number of restarts",
+        }
+    ],
+}
 RUNNING_JOB = {"active": 1}
 DONE_JOB = {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}
 
 
 def _argv(action, kubeconfig, tmp_path, *extra):
-    return [action, "--dataset", "industrial", "--out", str(tmp_path / "rendered"), "--kubeconfig", kubeconfig,
-            "--context", "fake", "--poll", "0.01", "--no-progress", *extra]
+    return [
+        action,
+        "--dataset",
+        "industrial",
+        "--out",
+        str(tmp_path / "rendered"),
+        "--kubeconfig",
+        kubeconfig,
+        "--context",
+        "fake",
+        "--poll",
+        "0.01",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def _pod(name, phase, exit_code=None, reason="Error", message=""):
     status = {"phase": phase}
     if exit_code is not None:
-        status["containerStatuses"] = [{"name": "rec", "state": {"terminated": {"exitCode": exit_code, "reason": reason,
-                                                                                 "message": message}}}]
+        status["containerStatuses"] = [
+            {
+                "name": "rec",
+                "state": {"terminated": {"exitCode": exit_code, "reason": reason, "message": message}},
+            }
+        ]
     return {"metadata": {"name": name}, "status": status}
 
 
@@ -38,17 +68,28 @@ def test_pipeline_runs_every_step_in_order(fake_kube, tmp_path, capsys):
     for name in ("sft-industrial-r1", "rl-industrial-r1", "eval-industrial-r1"):
         state.script(name, {}, RUNNING_JS, RUNNING_JS, DONE_JS)
     state.script("upload-industrial-r1", RUNNING_JOB, DONE_JOB)
-    state.pods["sft-industrial-r1"] = [_pod(f"sft-industrial-r1-slice-0-{i}-abcde", "Running") for i in range(4)]
+    state.pods["sft-industrial-r1"] = [
+        _pod(f"sft-industrial-r1-slice-0-{i}-abcde", "Running") for i in range(4)
+    ]
     assert render.main(_argv("pipeline", kubeconfig, tmp_path)) == 0
-    assert state.created == ["sft-industrial-r1", "rl-industrial-r1", "upload-industrial-r1", "eval-industrial-r1"]
+    assert state.created == [
+        "sft-industrial-r1",
+        "rl-industrial-r1",
+        "upload-industrial-r1",
+        "eval-industrial-r1",
+    ]
     posts = [path for method, path in state.requests if method == "POST"]
     assert posts == ["/apis/jobset.x-k8s.io/v1alpha2/namespaces/rec/jobsets"] * 2 + [
-        "/apis/batch/v1/namespaces/rec/jobs", "/apis/jobset.x-k8s.io/v1alpha2/namespaces/rec/jobsets"]
+        "/apis/batch/v1/namespaces/rec/jobs",
+        "/apis/jobset.x-k8s.io/v1alpha2/namespaces/rec/jobsets",
+    ]
     # what was submitted is exactly the rendered, validated manifest
     sent = state.objects[("jobsets", "rec", "rl-industrial-r1")]
     assert sent["spec"]["replicatedJobs"][0]["template"]["spec"]["parallelism"] == 4
     out = capsys.readouterr().out
-    assert "[4/4] eval: JobSet rec/eval-industrial-r1 completed" in out and out.strip().endswith("pipeline: done")
+    assert "[4/4] eval: JobSet rec/eval-industrial-r1 completed" in out and out.strip().endswith(
+        "pipeline: done"
+    )
 
 
 def test_pipeline_stops_at_a_failed_middle_step(fake_kube, tmp_path, capsys):
@@ -68,7 +109,7 @@ def test_pipeline_stops_at_a_failed_middle_step(fake_kube, tmp_path, capsys):
     assert "pod rl-industrial-r1-slice-0-0-aaaaa container rec exited 1 (Error): ValueError: nan loss" in last
     assert "later steps were not started" in last
     assert "kubectl logs --context fake -n rec -l jobset.sigs.k8s.io/jobset-name=rl-industrial-r1" in last
-    assert 'gcloud logging read' in last and 'pod_name:"rl-industrial-r1-"' in last
+    assert "gcloud logging read" in last and 'pod_name:"rl-industrial-r1-"' in last
     assert "container rec exited 143" in err  # every failed pod is listed above the error line
 
 
@@ -104,11 +145,30 @@ def test_an_earlier_failed_attempt_is_not_silently_reused(fake_kube, tmp_path, c
     from tools.deploy import manifests
 
     docs = manifests.read_rendered(tmp_path / "rendered/industrial/upload.yaml")
-    state.preload("jobs", "rec", {**docs[0], "status": {"failed": 3, "conditions": [
-        {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"}]}})
+    state.preload(
+        "jobs",
+        "rec",
+        {
+            **docs[0],
+            "status": {
+                "failed": 3,
+                "conditions": [
+                    {
+                        "type": "Failed",
+                        "status": "True",
+                        "reason": "BackoffLimitExceeded",
+                        "message": "Job has reached the specified backoff limit",
+                    }
+                ],
+            },
+        },
+    )
     assert render.main(_argv("upload", kubeconfig, tmp_path)) == 2
     err = capsys.readouterr().err
-    assert "step 'upload' failed: Job rec/upload-industrial-r1 Failed (Job has reached the specified backoff limit)" in err
+    assert (
+        "step 'upload' failed: Job rec/upload-industrial-r1 Failed (Job has reached the specified backoff limit)"
+        in err
+    )
     assert "kubectl delete job -n rec upload-industrial-r1" in err and "new RUN name" in err
 
 
@@ -129,7 +189,16 @@ def test_submit_wait_and_status(fake_kube, tmp_path, capsys):
 
 
 def test_dry_run_prints_the_plan_and_touches_nothing(tmp_path, capsys):
-    argv = ["pipeline", "--dataset", "office", "--out", str(tmp_path), "--dry-run", "--kubeconfig", str(tmp_path / "none")]
+    argv = [
+        "pipeline",
+        "--dataset",
+        "office",
+        "--out",
+        str(tmp_path),
+        "--dry-run",
+        "--kubeconfig",
+        str(tmp_path / "none"),
+    ]
     assert render.main(argv) == 0
     out = capsys.readouterr().out.splitlines()
     assert out == [
@@ -143,8 +212,10 @@ def test_dry_run_prints_the_plan_and_touches_nothing(tmp_path, capsys):
 def test_missing_kube_context_is_one_line_pointing_to_make_render(tmp_path, capsys):
     argv = ["train", "--out", str(tmp_path), "--kubeconfig", str(tmp_path / "missing-kubeconfig")]
     assert render.main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: no usable Kubernetes context")
+    # notes about run configs missing from the checkout may precede it; the error is one line
+    lines = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("note: ")]
+    assert len(lines) == 1 and lines[0].startswith("error: no usable Kubernetes context")
+    err = lines[0]
     assert "gcloud container clusters get-credentials example-tpu-cluster --location us-east5" in err
     assert "make render" in err
 
@@ -167,19 +238,34 @@ def test_unreachable_api_server_is_a_clear_error(fake_kube, tmp_path, capsys):
 # Pure pieces
 
 
-@pytest.mark.parametrize("kind,obj,phase", [
-    ("JobSet", None, "NotFound"),
-    ("JobSet", {"status": {}}, "Pending"),
-    ("JobSet", {"status": RUNNING_JS}, "Running"),
-    ("JobSet", {"status": DONE_JS}, "Completed"),
-    ("JobSet", {"status": FAILED_JS}, "Failed"),
-    # terminalState not yet set, conditions already say so
-    ("JobSet", {"status": {"conditions": [{"type": "Failed", "status": "True", "message": "m"}]}}, "Failed"),
-    ("JobSet", {"status": {"conditions": [{"type": "Failed", "status": "False"}]}}, "Pending"),
-    ("Job", {"status": RUNNING_JOB}, "Running"),
-    ("Job", {"status": DONE_JOB}, "Completed"),
-    ("Job", {"status": {"conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}}, "Failed"),
-])
+@pytest.mark.parametrize(
+    "kind,obj,phase",
+    [
+        ("JobSet", None, "NotFound"),
+        ("JobSet", {"status": {}}, "Pending"),
+        ("JobSet", {"status": RUNNING_JS}, "Running"),
+        ("JobSet", {"status": DONE_JS}, "Completed"),
+        ("JobSet", {"status": FAILED_JS}, "Failed"),
+        # terminalState not yet set, conditions already say so
+        (
+            "JobSet",
+            {"status": {"conditions": [{"type": "Failed", "status": "True", "message": "m"}]}},
+            "Failed",
+        ),
+        ("JobSet", {"status": {"conditions": [{"type": "Failed", "status": "False"}]}}, "Pending"),
+        ("Job", {"status": RUNNING_JOB}, "Running"),
+        ("Job", {"status": DONE_JOB}, "Completed"),
+        (
+            "Job",
+            {
+                "status": {
+                    "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]
+                }
+            },
+            "Failed",
+        ),
+    ],
+)
 def test_state_of(kind, obj, phase):
     assert kube.state_of(kind, obj).phase == phase
 
@@ -190,15 +276,34 @@ def test_state_carries_restarts_and_reason():
 
 
 def test_pod_summary_and_failures():
-    pods = [_pod("a", "Running"), _pod("b", "Running"), _pod("c", "Failed", 2, message="error: data/x.csv:3: bad"),
-            {"metadata": {"name": "d"}, "status": {"phase": "Pending", "conditions": [
-                {"type": "PodScheduled", "status": "False", "message": "0/8 nodes: Insufficient google.com/tpu"}]}}]
+    pods = [
+        _pod("a", "Running"),
+        _pod("b", "Running"),
+        _pod("c", "Failed", 2, message="error: data/x.csv:3: bad"),
+        {
+            "metadata": {"name": "d"},
+            "status": {
+                "phase": "Pending",
+                "conditions": [
+                    {
+                        "type": "PodScheduled",
+                        "status": "False",
+                        "message": "0/8 nodes: Insufficient google.com/tpu",
+                    }
+                ],
+            },
+        },
+    ]
     assert kube.pod_summary(pods) == "1 Failed, 1 Pending, 2 Running"
-    assert kube.pod_failures(pods) == ["pod c container rec exited 2 (Error): error: data/x.csv:3: bad",
-                                       "pod d unschedulable: 0/8 nodes: Insufficient google.com/tpu"]
+    assert kube.pod_failures(pods) == [
+        "pod c container rec exited 2 (Error): error: data/x.csv:3: bad",
+        "pod d unschedulable: 0/8 nodes: Insufficient google.com/tpu",
+    ]
 
 
-@pytest.mark.parametrize("text,seconds", [("90", 90), ("90s", 90), ("30m", 1800), ("48h", 172800), ("2d", 172800), ("0.5", 0.5)])
+@pytest.mark.parametrize(
+    "text,seconds", [("90", 90), ("90s", 90), ("30m", 1800), ("48h", 172800), ("2d", 172800), ("0.5", 0.5)]
+)
 def test_parse_duration(text, seconds):
     assert kube.parse_duration(text) == seconds
 
@@ -207,3 +312,76 @@ def test_parse_duration(text, seconds):
 def test_parse_duration_rejects(text):
     with pytest.raises(RecError, match="--timeout"):
         kube.parse_duration(text)
+
+
+def test_wait_reports_failure_with_reason_and_logs(fake_kube, tmp_path, capsys):
+    state, kubeconfig = fake_kube
+    assert render.main(_argv("submit", kubeconfig, tmp_path, "--step", "eval")) == 0
+    state.script(
+        "eval-industrial-r1",
+        RUNNING_JS,
+        {
+            "terminalState": "Failed",
+            "conditions": [
+                {
+                    "type": "Failed",
+                    "status": "True",
+                    "reason": "FailedJobs",
+                    "message": "jobset failed due to FailJobSet rule userError",
+                }
+            ],
+        },
+    )
+    assert render.main(_argv("wait", kubeconfig, tmp_path, "--step", "eval")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "eval-industrial-r1 failed (jobset failed due to FailJobSet rule userError)" in err
+    assert "kubectl logs --context fake -n rec -l jobset.sigs.k8s.io/jobset-name=eval-industrial-r1" in err
+
+
+def test_progress_line_shows_why_pods_wait(fake_kube, tmp_path, capsys):
+    state, kubeconfig = fake_kube
+    state.script("upload-industrial-r1", {}, {}, DONE_JOB)
+    state.pods["upload-industrial-r1"] = [
+        {
+            "metadata": {"name": "u0"},
+            "status": {
+                "phase": "Pending",
+                "conditions": [
+                    {
+                        "type": "PodScheduled",
+                        "status": "False",
+                        "message": "0/3 nodes are available: Insufficient cpu",
+                    }
+                ],
+            },
+        }
+    ]
+    argv = [a for a in _argv("upload", kubeconfig, tmp_path) if a != "--no-progress"]
+    assert render.main(argv) == 0
+    err = capsys.readouterr().err
+    assert (
+        "upload: Job rec/upload-industrial-r1" in err
+        and "pod u0 unschedulable: 0/3 nodes are available" in err
+    )
+
+
+def test_logs_of_the_latest_submitted_step(fake_kube, tmp_path, capsys):
+    state, kubeconfig = fake_kube
+    assert render.main(_argv("logs", kubeconfig, tmp_path)) == 2
+    assert "nothing of industrial run r1 was submitted yet" in capsys.readouterr().err
+    for step in ("sft", "rl"):
+        assert render.main(_argv("submit", kubeconfig, tmp_path, "--step", step)) == 0
+    state.pods["rl-industrial-r1"] = [_pod(f"rl-industrial-r1-slice-0-{i}-x", "Running") for i in (1, 0)]
+    state.logs = {
+        "rl-industrial-r1-slice-0-0-x": "step 1\nstep 2\nstep 3\n",
+        "rl-industrial-r1-slice-0-1-x": "worker 1 ok\n",
+    }
+    capsys.readouterr()
+    assert render.main(_argv("logs", kubeconfig, tmp_path, "--tail", "2")) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "[rl-industrial-r1-slice-0-0-x] step 2",
+        "[rl-industrial-r1-slice-0-0-x] step 3",
+        "[rl-industrial-r1-slice-0-1-x] worker 1 ok",
+    ]
+    assert render.main(_argv("logs", kubeconfig, tmp_path, "--step", "sft")) == 0
+    assert "no pods (not started, or removed by the TTL" in capsys.readouterr().out

@@ -125,7 +125,9 @@ MESH_SCRIPT = textwrap.dedent(
 
 def test_mesh_and_placement_on_8_fake_devices():
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-    res = subprocess.run([sys.executable, "-c", MESH_SCRIPT], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-c", MESH_SCRIPT], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     import json
 

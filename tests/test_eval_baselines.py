@@ -6,7 +6,13 @@ import pytest
 
 from rec.cli import main
 from rec.data.dataset import load_catalogue
-from rec.eval.baselines import popularity_counts, ranked_by_count, score_baselines, transition_counts, transition_predict
+from rec.eval.baselines import (
+    popularity_counts,
+    ranked_by_count,
+    score_baselines,
+    transition_counts,
+    transition_predict,
+)
 
 A, B, C, D, E = "<a_1><b_1><c_1>", "<a_1><b_1><c_2>", "<a_1><b_2><c_1>", "<a_2><b_1><c_1>", "<a_2><b_2><c_1>"
 FIT = [([A], B), ([A], B), ([A], C), ([B], C)]

@@ -28,14 +28,18 @@ def _hadolint() -> str:
 
 
 def test_dockerfile_is_hadolint_clean():
-    result = subprocess.run([_hadolint(), "--no-color", str(IMAGE / "Dockerfile")], capture_output=True, text=True)
+    result = subprocess.run(
+        [_hadolint(), "--no-color", str(IMAGE / "Dockerfile")], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_hadolint_would_catch_a_sloppy_dockerfile(tmp_path):
     """The lint is live: the usual mistakes fail it."""
     sloppy = tmp_path / "Dockerfile"
-    sloppy.write_text("FROM python\nRUN apt-get update && apt-get install -y curl\nRUN pip install jax\nCMD rec --help\n")
+    sloppy.write_text(
+        "FROM python\nRUN apt-get update && apt-get install -y curl\nRUN pip install jax\nCMD rec --help\n"
+    )
     result = subprocess.run([_hadolint(), "--no-color", str(sloppy)], capture_output=True, text=True)
     assert result.returncode != 0
     for code in ("DL3006", "DL3008", "DL3013", "DL3025"):
@@ -48,15 +52,19 @@ def test_dockerfile_structure():
     # slim Python base as a build argument
     assert re.search(r"^ARG BASE_IMAGE=python:3\.\d+-slim", text, re.M) and "FROM ${BASE_IMAGE}" in text
     # TPU runtime pinned through jax[tpu] with an exact version
-    assert re.search(r'^ARG JAX_VERSION=\d+\.\d+\.\d+$', text, re.M) and '"jax[tpu]==${JAX_VERSION}"' in text
+    assert re.search(r"^ARG JAX_VERSION=\d+\.\d+\.\d+$", text, re.M) and '"jax[tpu]==${JAX_VERSION}"' in text
     assert '".[tpu,gcs,wandb]"' in text
     # dependency layer before the code
-    deps = next(i for i, line in enumerate(lines) if "requirements-tpu.txt" in line and line.startswith("RUN"))
+    deps = next(
+        i for i, line in enumerate(lines) if "requirements-tpu.txt" in line and line.startswith("RUN")
+    )
     code = next(i for i, line in enumerate(lines) if line.startswith("COPY rec/"))
     assert deps < code
     # non-root user, exec-form entrypoint and command
     assert re.search(r"^USER 1000", text, re.M)
-    assert 'ENTRYPOINT ["/usr/local/bin/rec-entrypoint"]' in text and text.rstrip().endswith('CMD ["rec", "--help"]')
+    assert 'ENTRYPOINT ["/usr/local/bin/rec-entrypoint"]' in text and text.rstrip().endswith(
+        'CMD ["rec", "--help"]'
+    )
     # no credentials baked in
     assert not re.search(r"(?i)(api_key|secret|token|password|credentials)\s*=", text)
     assert not re.search(r"(?im)^(COPY|ADD)\s.*\.(json|pem|key)\b", text)
@@ -80,7 +88,9 @@ def entrypoint():
     procs = []
 
     def start(*args):
-        proc = subprocess.Popen(["bash", str(IMAGE / "entrypoint.sh"), *args], stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            ["bash", str(IMAGE / "entrypoint.sh"), *args], stdout=subprocess.PIPE, text=True
+        )
         procs.append(proc)
         return proc
 
@@ -100,12 +110,14 @@ def test_entrypoint_keeps_the_exit_code(entrypoint):
 
 def test_entrypoint_forwards_sigterm_to_the_child(entrypoint):
     # The child saves "a checkpoint" on SIGTERM and exits 7: both must happen, and 7 must come out.
-    child = ("import signal, sys, time\n"
-             "def stop(signum, frame):\n"
-             "    print('saved checkpoint on', signum, flush=True); sys.exit(7)\n"
-             "signal.signal(signal.SIGTERM, stop)\n"
-             "print('ready', flush=True)\n"
-             "time.sleep(60)\n")
+    child = (
+        "import signal, sys, time\n"
+        "def stop(signum, frame):\n"
+        "    print('saved checkpoint on', signum, flush=True); sys.exit(7)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
     proc = entrypoint(sys.executable, "-c", child)
     assert proc.stdout.readline().strip() == "ready"
     proc.send_signal(signal.SIGTERM)
@@ -141,11 +153,18 @@ def test_build_says_clearly_when_no_builder_exists(tmp_path):
     assert "buildah" in result.stderr and result.stderr.count("\n") == 1
 
 
-@pytest.mark.parametrize("engine,expected", [("docker", "docker build --platform linux/amd64"),
-                                             ("buildah", "buildah bud --isolation chroot --platform linux/amd64")])
+@pytest.mark.parametrize(
+    "engine,expected",
+    [
+        ("docker", "docker build --platform linux/amd64"),
+        ("buildah", "buildah bud --isolation chroot --platform linux/amd64"),
+    ],
+)
 def test_build_dry_run_prints_the_command(engine, expected):
     env = {**os.environ, "ENGINE": engine, "IMAGE": "reg.example/p/rec:0.1.0"}
-    result = subprocess.run(["bash", str(IMAGE / "build.sh"), "--dry-run"], capture_output=True, text=True, env=env)
+    result = subprocess.run(
+        ["bash", str(IMAGE / "build.sh"), "--dry-run"], capture_output=True, text=True, env=env
+    )
     assert result.returncode == 0, result.stderr
     assert expected in result.stderr and "-t reg.example/p/rec:0.1.0" in result.stderr
     assert "--build-arg JAX_VERSION=0.10.2" in result.stderr
@@ -154,19 +173,40 @@ def test_build_dry_run_prints_the_command(engine, expected):
 def test_build_uses_the_env_image_by_default():
     env = {**os.environ, "ENGINE": "docker", "PYTHON": sys.executable}
     env.pop("IMAGE", None)
-    result = subprocess.run(["bash", str(IMAGE / "build.sh"), "--dry-run"], capture_output=True, text=True, env=env)
+    result = subprocess.run(
+        ["bash", str(IMAGE / "build.sh"), "--dry-run"], capture_output=True, text=True, env=env
+    )
     assert result.returncode == 0, result.stderr
     assert "-t us-east5-docker.pkg.dev/example-project-123456/rec/rec:0.1.0" in result.stderr
 
 
 def test_build_context_holds_only_what_the_image_needs(tmp_path):
     context = tmp_path / "ctx"
-    result = subprocess.run(["bash", str(IMAGE / "build.sh"), "--context-only", str(context)], capture_output=True, text=True)
+    result = subprocess.run(
+        ["bash", str(IMAGE / "build.sh"), "--context-only", str(context)], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in context.iterdir()) == [".dockerignore", "README.md", "configs", "image", "pyproject.toml", "rec"]
+    assert sorted(p.name for p in context.iterdir()) == [
+        ".dockerignore",
+        "README.md",
+        "configs",
+        "image",
+        "pyproject.toml",
+        "rec",
+    ]
     assert (context / "rec" / "cli" / "__init__.py").is_file()
     assert not list(context.rglob("__pycache__"))
     # every file the Dockerfile copies is in the context
     for src in re.findall(r"^COPY (\S+)", (IMAGE / "Dockerfile").read_text(), re.M):
         for part in src.split():
             assert (context / part.rstrip("/")).exists(), part
+
+
+def test_build_with_unknown_env_is_one_clear_line():
+    env = {**os.environ, "ENGINE": "docker", "PYTHON": sys.executable, "ENV": "nosuch"}
+    env.pop("IMAGE", None)
+    result = subprocess.run(
+        ["bash", str(IMAGE / "build.sh"), "--dry-run"], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 2
+    assert result.stderr == "error: k8s/values/env/nosuch.yaml: values file not found\n"

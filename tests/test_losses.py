@@ -12,7 +12,6 @@ import torch
 from rec.train.losses import k3_kl, ppo_clip_loss, rec_policy_loss, sequence_mean, token_logprobs
 
 
-
 def test_k3_kl_known_values():
     logp = jnp.log(jnp.array([0.5, 0.25, 0.3]))
     ref = jnp.log(jnp.array([0.25, 0.25, 0.6]))
@@ -82,7 +81,7 @@ def test_rec_policy_loss_gradient_finite_difference():
         return rec_policy_loss(logp, ref, jnp.asarray(adv), jnp.asarray(mask), beta=0.5, old_logp=old_logp)[0]
 
     for clip in (False, True):
-        grad = np.asarray(jax.grad(lambda lg: f(lg, clip))(jnp.asarray(logits)))
+        grad = np.asarray(jax.grad(lambda lg, clip=clip: f(lg, clip))(jnp.asarray(logits)))
         h = 1e-2
         for idx in [(0, 0, 1), (0, 2, 4), (1, 1, 0)]:
             plus, minus = logits.copy(), logits.copy()
@@ -171,7 +170,7 @@ def test_completion_logprobs_match_unpadded_full_forward():
     prompt_mask = np.zeros((2, T), np.int32)
     comp_ids = np.zeros((2, N), np.int32)
     comp_mask = np.zeros((2, N), np.int32)
-    for i, (p, c) in enumerate(zip(prompts, completions)):
+    for i, (p, c) in enumerate(zip(prompts, completions, strict=False)):
         prompt_ids[i, T - len(p):] = p
         prompt_mask[i, T - len(p):] = 1
         comp_ids[i, : len(c)] = c
@@ -180,7 +179,7 @@ def test_completion_logprobs_match_unpadded_full_forward():
         params, shape, jnp.asarray(prompt_ids), jnp.asarray(prompt_mask), jnp.asarray(comp_ids),
         jnp.asarray(comp_mask), compute_dtype=jnp.float32, chunk=2,
     )
-    for i, (p, c) in enumerate(zip(prompts, completions)):
+    for i, (p, c) in enumerate(zip(prompts, completions, strict=False)):
         seq = jnp.asarray([p + c])
         logits, _ = forward(params, shape, seq, jnp.arange(seq.shape[1])[None], jnp.ones_like(seq),
                             compute_dtype=jnp.float32)

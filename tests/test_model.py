@@ -515,7 +515,8 @@ def test_out_of_range_padding_ids_do_not_poison_valid_rows():
     tokens, mask = _left_padded(VOCAB, [4, 2], 4)
     pos = positions_from_mask(mask)
     clean, _ = forward(params, shape, tokens, pos, mask, compute_dtype=jnp.float32)
-    weird = jnp.where(mask, tokens, -1)
-    got, _ = forward(params, shape, weird, pos, mask, compute_dtype=jnp.float32)
     m = np.asarray(mask)
-    np.testing.assert_allclose(np.asarray(got)[m], np.asarray(clean)[m], atol=1e-6)
+    for bad_id in (-1, 10**6):
+        weird = jnp.where(mask, tokens, bad_id)
+        got, _ = forward(params, shape, weird, pos, mask, compute_dtype=jnp.float32)
+        np.testing.assert_allclose(np.asarray(got)[m], np.asarray(clean)[m], atol=1e-6)

@@ -265,7 +265,9 @@ def test_gcs_round_trip_and_stale_shards_removed(gcs_bucket, tiny_hf_dir_factory
     assert "model.safetensors.index.json" in names and "model.safetensors" not in names
     shape2, params2 = load_hf(out, progress=False)
     assert shape2 == shape
-    np.testing.assert_array_equal(np.asarray(params2["lm_head"]["kernel"]), np.asarray(params["lm_head"]["kernel"]))
+    np.testing.assert_array_equal(
+        np.asarray(params2["lm_head"]["kernel"]), np.asarray(params["lm_head"]["kernel"])
+    )
     save_hf(out, shape, params, dtype="bfloat16", progress=False)
     assert storage.listdir(out) == ["config.json", "model.safetensors"]
     _, params3 = load_hf(out, progress=False)  # bf16 on disk, float32 in memory: bf16-rounded values

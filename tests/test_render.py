@@ -29,7 +29,9 @@ def rendered(tmp_path_factory):
 
 def _doc(rendered, path: str, component: str) -> dict:
     docs = rendered[1][path]
-    return copy.deepcopy(next(d for d in docs if d["metadata"]["labels"]["app.kubernetes.io/component"] == component))
+    return copy.deepcopy(
+        next(d for d in docs if d["metadata"]["labels"]["app.kubernetes.io/component"] == component)
+    )
 
 
 def _pod(doc: dict) -> dict:
@@ -55,8 +57,14 @@ def test_render_writes_the_expected_files(rendered):
         "argocd/application.yaml",
         "cluster/setup.yaml",
         "grpo-gsm8k/train.yaml",
-        "industrial/eval.yaml", "industrial/train.yaml", "industrial/upload.yaml", "industrial/workflow.yaml",
-        "office/eval.yaml", "office/train.yaml", "office/upload.yaml", "office/workflow.yaml",
+        "industrial/eval.yaml",
+        "industrial/train.yaml",
+        "industrial/upload.yaml",
+        "industrial/workflow.yaml",
+        "office/eval.yaml",
+        "office/train.yaml",
+        "office/upload.yaml",
+        "office/workflow.yaml",
     ]
 
 
@@ -67,11 +75,16 @@ def test_train_jobset_v6e16_shape(rendered):
         job = js["spec"]["replicatedJobs"][0]["template"]["spec"]
         assert job["parallelism"] == job["completions"] == 4
         pod = job["template"]["spec"]
-        assert pod["nodeSelector"] == {"cloud.google.com/gke-tpu-accelerator": "tpu-v6e-slice",
-                                       "cloud.google.com/gke-tpu-topology": "4x4"}
+        assert pod["nodeSelector"] == {
+            "cloud.google.com/gke-tpu-accelerator": "tpu-v6e-slice",
+            "cloud.google.com/gke-tpu-topology": "4x4",
+        }
         assert pod["hostNetwork"] is True and pod["dnsPolicy"] == "ClusterFirstWithHostNet"
         assert pod["containers"][0]["resources"]["limits"]["google.com/tpu"] == 4
-        assert js["metadata"]["annotations"]["alpha.jobset.sigs.k8s.io/exclusive-topology"] == "cloud.google.com/gke-nodepool"
+        assert (
+            js["metadata"]["annotations"]["alpha.jobset.sigs.k8s.io/exclusive-topology"]
+            == "cloud.google.com/gke-nodepool"
+        )
         assert 1 <= js["spec"]["failurePolicy"]["maxRestarts"] <= 10
         env = {e["name"]: e for e in pod["containers"][0]["env"]}
         assert env["JAX_PLATFORMS"]["value"] == "tpu"
@@ -81,7 +94,11 @@ def test_train_jobset_v6e16_shape(rendered):
         assert any(a.startswith("run.dir=gs://") for a in args)
     rl_args = _container(_doc(rendered, "industrial/train.yaml", "rl"))["args"]
     assert "model.checkpoint=sft_best" in rl_args
-    sft_dir = next(a for a in _container(_doc(rendered, "industrial/train.yaml", "sft"))["args"] if a.startswith("run.dir="))
+    sft_dir = next(
+        a
+        for a in _container(_doc(rendered, "industrial/train.yaml", "sft"))["args"]
+        if a.startswith("run.dir=")
+    )
     assert f"model.path={sft_dir.split('=', 1)[1]}" in rl_args
 
 
@@ -107,8 +124,9 @@ def test_eval_command_verifies_then_evaluates(rendered, tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     log = tmp_path / "calls"
-    (bin_dir / "rec").write_text('#!/bin/sh\necho "$*" >> "$CALLS"\n'
-                                 '[ "$1" = handoff ] && [ -n "$FAIL_VERIFY" ] && exit 2\nexit 0\n')
+    (bin_dir / "rec").write_text(
+        '#!/bin/sh\necho "$*" >> "$CALLS"\n[ "$1" = handoff ] && [ -n "$FAIL_VERIFY" ] && exit 2\nexit 0\n'
+    )
     (bin_dir / "rec").chmod(0o755)
     env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
     env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", CALLS=str(log))
@@ -116,10 +134,16 @@ def test_eval_command_verifies_then_evaluates(rendered, tmp_path):
     verify, evaluate = log.read_text().splitlines()
     handoff = env["REC_HANDOFF"]
     assert verify == f"handoff verify {handoff}"
-    assert evaluate.split() == ["eval", "--config", "configs/eval/industrial-v6e8.yaml",
-                                "run.dir=gs://example-rec-artifacts/runs/industrial/r1/eval", f"model.path={handoff}",
-                                "model.checkpoint=rl_last", "data.dir=/data/minionerec/Industrial_and_Scientific",
-                                "data.split=test"]
+    assert evaluate.split() == [
+        "eval",
+        "--config",
+        "configs/eval/industrial-v6e8.yaml",
+        "run.dir=gs://example-rec-artifacts/runs/industrial/r1/eval",
+        f"model.path={handoff}",
+        "model.checkpoint=rl_last",
+        "data.dir=/data/minionerec/Industrial_and_Scientific",
+        "data.split=test",
+    ]
     log.unlink()
     env["FAIL_VERIFY"] = "1"
     assert subprocess.run(container["args"], env=env).returncode == 2  # exit 2: FailJobSet, no retries
@@ -130,10 +154,14 @@ def test_rendered_yaml_passes_yamllint():
     yamllint = pathlib.Path(sys.executable).parent / "yamllint"
     if not yamllint.exists():
         pytest.skip("yamllint not installed")
-    config = ("{extends: default, rules: {line-length: {max: 160}, indentation: {indent-sequences: consistent}, "
-              "document-start: disable, comments: {min-spaces-from-content: 1}}}")
+    config = (
+        "{extends: default, rules: {line-length: {max: 160}, indentation: {indent-sequences: consistent}, "
+        "document-start: disable, comments: {min-spaces-from-content: 1}}}"
+    )
     targets = [str(ROOT / "k8s" / d) for d in ("values", "argocd", "rendered") if (ROOT / "k8s" / d).is_dir()]
-    result = subprocess.run([str(yamllint), "-f", "parsable", "-d", config, *targets], capture_output=True, text=True)
+    result = subprocess.run(
+        [str(yamllint), "-f", "parsable", "-d", config, *targets], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout
 
 
@@ -143,7 +171,11 @@ def test_upload_job_is_cpu_and_publishes_the_rl_run(rendered):
     env = {e["name"]: e.get("value") for e in _env_list(job)}
     assert env["JAX_PLATFORMS"] == "cpu"
     args = _container(job)["args"]
-    rl_dir = next(a for a in _container(_doc(rendered, "industrial/train.yaml", "rl"))["args"] if a.startswith("run.dir="))
+    rl_dir = next(
+        a
+        for a in _container(_doc(rendered, "industrial/train.yaml", "rl"))["args"]
+        if a.startswith("run.dir=")
+    )
     assert args[:3] == ["rec", "handoff", "publish"]
     assert args[args.index("--run") + 1] == rl_dir.split("=", 1)[1]
     assert args[args.index("--tag") + 1] == "rl_last"
@@ -157,9 +189,14 @@ def test_grpo_rollout_fast_paths_default_on_and_env_turns_them_off(tmp_path):
         return {e["name"]: e.get("value") for e in _env_list(doc) if e["name"].startswith("ROLLOUT_")}
 
     assert flags({}) == {"ROLLOUT_FAST_GENERATE": "1", "ROLLOUT_FAST_QWEN2_DECODE_ATTENTION": "1"}
-    assert flags({"ROLLOUT_FAST_GENERATE": "0"}) == {"ROLLOUT_FAST_GENERATE": "0", "ROLLOUT_FAST_QWEN2_DECODE_ATTENTION": "1"}
+    assert flags({"ROLLOUT_FAST_GENERATE": "0"}) == {
+        "ROLLOUT_FAST_GENERATE": "0",
+        "ROLLOUT_FAST_QWEN2_DECODE_ATTENTION": "1",
+    }
     assert flags({"ROLLOUT_FAST_QWEN2_DECODE_ATTENTION": "0", "ROLLOUT_FAST_GENERATE": "1"}) == {
-        "ROLLOUT_FAST_GENERATE": "1", "ROLLOUT_FAST_QWEN2_DECODE_ATTENTION": "0"}
+        "ROLLOUT_FAST_GENERATE": "1",
+        "ROLLOUT_FAST_QWEN2_DECODE_ATTENTION": "0",
+    }
     with pytest.raises(RecError, match="ROLLOUT_FAST_GENERATE='maybe'"):
         flags({"ROLLOUT_FAST_GENERATE": "maybe"})
 
@@ -168,9 +205,15 @@ def test_workflow_is_a_dag_of_the_same_objects(rendered):
     wf = rendered[1]["industrial/workflow.yaml"][0]
     dag = wf["spec"]["templates"][0]["dag"]["tasks"]
     assert [(t["name"], t.get("depends")) for t in dag] == [
-        ("sft", None), ("rl", "sft.Succeeded"), ("upload", "rl.Succeeded"), ("eval", "upload.Succeeded")]
+        ("sft", None),
+        ("rl", "sft.Succeeded"),
+        ("upload", "rl.Succeeded"),
+        ("eval", "upload.Succeeded"),
+    ]
     templates = {t["name"]: t for t in wf["spec"]["templates"][1:]}
-    assert yaml.safe_load(templates["rl"]["resource"]["manifest"]) == _doc(rendered, "industrial/train.yaml", "rl")
+    assert yaml.safe_load(templates["rl"]["resource"]["manifest"]) == _doc(
+        rendered, "industrial/train.yaml", "rl"
+    )
     assert templates["eval"]["resource"]["successCondition"] == "status.terminalState == Completed"
     assert templates["eval"]["resource"]["failureCondition"] == "status.terminalState == Failed"
     assert templates["upload"]["resource"]["failureCondition"] == "status.failed > 2"
@@ -193,7 +236,9 @@ def test_committed_rendered_manifests_are_up_to_date(tmp_path):
     render.render_all("dev", "all", None, tmp_path, environ={})
     for path in sorted(tmp_path.rglob("*.yaml")):
         rel = path.relative_to(tmp_path)
-        assert (committed / rel).read_bytes() == path.read_bytes(), f"k8s/rendered/{rel} is stale: run `make render DATASET=all`"
+        assert (committed / rel).read_bytes() == path.read_bytes(), (
+            f"k8s/rendered/{rel} is stale: run `make render DATASET=all`"
+        )
 
 
 def test_render_and_validate_cli(tmp_path, capsys):
@@ -227,7 +272,9 @@ def test_strict_crd_schema_catches_unknown_and_mistyped_fields(rendered, jobset_
 
 def test_batch_v1_catches_errors_in_embedded_and_plain_jobs(rendered):
     js = _doc(rendered, "industrial/train.yaml", "sft")
-    js["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]["containers"][0]["imagePullPolicy"] = ["x"]
+    js["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]["containers"][0][
+        "imagePullPolicy"
+    ] = ["x"]
     assert any(p.startswith("[batch-v1] replicatedJobs[slice].template:") for p in checks.check_batch_job(js))
     job = _doc(rendered, "industrial/upload.yaml", "upload")
     job["spec"]["template"]["spec"]["restartPolicyy"] = "Never"
@@ -243,6 +290,7 @@ def _set(path: list, value):
             del target[path[-1]]
         else:
             target[path[-1]] = value
+
     return mutate
 
 
@@ -258,6 +306,7 @@ def _env_set(name, value):
         env[:] = [e for e in env if e["name"] != name]
         if value is not _DELETE:
             env.append(value if isinstance(value, dict) else {"name": name, "value": value})
+
     return mutate
 
 
@@ -265,75 +314,277 @@ def _both(*fns):
     def mutate(doc):
         for fn in fns:
             fn(doc)
+
     return mutate
 
 
 # (rule, file, component, mutation, expected message fragment): one broken manifest per rule check.
 BROKEN = [
-    ("tpu-topology", "industrial/train.yaml", "sft", _both(_set(_C0 + ["resources", "limits", "google.com/tpu"], 8),
-                                                            _set(_C0 + ["resources", "requests", "google.com/tpu"], 8)),
-     "4 host(s) x 8 chips = 32, but topology 4x4 has 16 chips"),
-    ("tpu-topology", "industrial/train.yaml", "rl", _both(_set(_RJ + ["parallelism"], 2), _set(_RJ + ["completions"], 2)),
-     "2 host(s) x 4 chips = 8, but topology 4x4 has 16"),
-    ("tpu-topology", "industrial/train.yaml", "sft", _set(_C0 + ["resources", "requests", "google.com/tpu"], 2),
-     "requests 2 != limits 4"),
-    ("tpu-topology", "office/eval.yaml", "eval", _set(_POD + ["nodeSelector", "node.kubernetes.io/instance-type"], _DELETE),
-     "needs nodeSelector node.kubernetes.io/instance-type: ct6e-standard-8t"),
-    ("tpu-topology", "office/eval.yaml", "eval", _set(_POD + ["nodeSelector", "cloud.google.com/gke-tpu-topology"], "4x4"),
-     "1 host(s) x 8 chips = 8, but topology 4x4 has 16"),
-    ("tpu-selectors", "industrial/train.yaml", "sft", _set(_POD + ["nodeSelector", "cloud.google.com/gke-tpu-accelerator"], _DELETE),
-     "gke-tpu-accelerator must be tpu-v6e-slice"),
-    ("tpu-selectors", "industrial/train.yaml", "sft", _set(_POD + ["tolerations"], []), "no toleration for the google.com/tpu taint"),
-    ("slice-job", "industrial/train.yaml", "sft", _set(_RJ + ["completions"], 3), "parallelism 4 != completions 3"),
+    (
+        "tpu-topology",
+        "industrial/train.yaml",
+        "sft",
+        _both(
+            _set(_C0 + ["resources", "limits", "google.com/tpu"], 8),
+            _set(_C0 + ["resources", "requests", "google.com/tpu"], 8),
+        ),
+        "4 host(s) x 8 chips = 32, but topology 4x4 has 16 chips",
+    ),
+    (
+        "tpu-topology",
+        "industrial/train.yaml",
+        "rl",
+        _both(_set(_RJ + ["parallelism"], 2), _set(_RJ + ["completions"], 2)),
+        "2 host(s) x 4 chips = 8, but topology 4x4 has 16",
+    ),
+    (
+        "tpu-topology",
+        "industrial/train.yaml",
+        "sft",
+        _set(_C0 + ["resources", "requests", "google.com/tpu"], 2),
+        "requests 2 != limits 4",
+    ),
+    (
+        "tpu-topology",
+        "office/eval.yaml",
+        "eval",
+        _set(_POD + ["nodeSelector", "node.kubernetes.io/instance-type"], _DELETE),
+        "needs nodeSelector node.kubernetes.io/instance-type: ct6e-standard-8t",
+    ),
+    (
+        "tpu-topology",
+        "office/eval.yaml",
+        "eval",
+        _set(_POD + ["nodeSelector", "cloud.google.com/gke-tpu-topology"], "4x4"),
+        "1 host(s) x 8 chips = 8, but topology 4x4 has 16",
+    ),
+    (
+        "tpu-selectors",
+        "industrial/train.yaml",
+        "sft",
+        _set(_POD + ["nodeSelector", "cloud.google.com/gke-tpu-accelerator"], _DELETE),
+        "gke-tpu-accelerator must be tpu-v6e-slice",
+    ),
+    (
+        "tpu-selectors",
+        "industrial/train.yaml",
+        "sft",
+        _set(_POD + ["tolerations"], []),
+        "no toleration for the google.com/tpu taint",
+    ),
+    (
+        "slice-job",
+        "industrial/train.yaml",
+        "sft",
+        _set(_RJ + ["completions"], 3),
+        "parallelism 4 != completions 3",
+    ),
     ("slice-job", "industrial/train.yaml", "sft", _set(_RJ + ["backoffLimit"], 3), "backoffLimit must be 0"),
-    ("slice-job", "industrial/train.yaml", "rl", _set(_POD + ["restartPolicy"], "OnFailure"), "restartPolicy must be Never"),
-    ("host-network-dns", "industrial/train.yaml", "sft", _set(_POD + ["dnsPolicy"], "ClusterFirst"),
-     "needs dnsPolicy: ClusterFirstWithHostNet"),
-    ("exclusive-placement", "industrial/train.yaml", "sft",
-     _set(["metadata", "annotations", "alpha.jobset.sigs.k8s.io/exclusive-topology"], _DELETE), "exclusive-topology"),
-    ("name-length", "industrial/train.yaml", "sft", _set(["metadata", "name"], "sft-" + "x" * 44), "generated pod name"),
+    (
+        "slice-job",
+        "industrial/train.yaml",
+        "rl",
+        _set(_POD + ["restartPolicy"], "OnFailure"),
+        "restartPolicy must be Never",
+    ),
+    (
+        "host-network-dns",
+        "industrial/train.yaml",
+        "sft",
+        _set(_POD + ["dnsPolicy"], "ClusterFirst"),
+        "needs dnsPolicy: ClusterFirstWithHostNet",
+    ),
+    (
+        "exclusive-placement",
+        "industrial/train.yaml",
+        "sft",
+        _set(["metadata", "annotations", "alpha.jobset.sigs.k8s.io/exclusive-topology"], _DELETE),
+        "exclusive-topology",
+    ),
+    (
+        "name-length",
+        "industrial/train.yaml",
+        "sft",
+        _set(["metadata", "name"], "sft-" + "x" * 44),
+        "generated pod name",
+    ),
     ("name-length", "industrial/train.yaml", "sft", _set(["metadata", "name"], "9sft"), "not DNS-1035"),
-    ("name-length", "industrial/upload.yaml", "upload", _set(["metadata", "name"], "u" * 60), "pod names <job>-xxxxx"),
-    ("env", "industrial/train.yaml", "sft", _env_set("JAX_PLATFORMS", _DELETE), "JAX_PLATFORMS must be 'tpu'"),
-    ("env", "industrial/upload.yaml", "upload", _env_set("JAX_PLATFORMS", "tpu"), "JAX_PLATFORMS must be 'cpu'"),
-    ("env", "industrial/train.yaml", "sft",
-     _env_set("WANDB_API_KEY", {"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {"name": "w", "key": "k"}}}),
-     "must be optional: true"),
-    ("env", "industrial/train.yaml", "sft", _env_set("WANDB_API_KEY", "secret-in-git"), "must come from a Secret"),
-    ("env", "grpo-gsm8k/train.yaml", "grpo", _env_set("ROLLOUT_FAST_GENERATE", _DELETE), "GRPO needs env ROLLOUT_FAST_GENERATE"),
-    ("gcsfuse", "industrial/train.yaml", "sft", _set(_RJ + ["template", "metadata", "annotations", "gke-gcsfuse/volumes"], _DELETE),
-     'annotation gke-gcsfuse/volumes: "true"'),
-    ("gcsfuse", "industrial/train.yaml", "sft",
-     _set(_POD + ["volumes", 1, "csi", "volumeAttributes", "hostNetworkPodKSA"], _DELETE), "hostNetworkPodKSA"),
-    ("gcsfuse", "industrial/train.yaml", "sft",
-     _set(_RJ + ["template", "metadata", "annotations", "gke-gcsfuse/memory-limit"], "1Gi"), "memory-limit should be \"0\""),
-    ("failure-policy", "industrial/train.yaml", "sft", _set(["spec", "failurePolicy", "maxRestarts"], 0), "maxRestarts must be 1..10"),
-    ("failure-policy", "industrial/train.yaml", "rl", _set(["spec", "failurePolicy"], _DELETE), "maxRestarts must be 1..10"),
-    ("failure-policy", "industrial/train.yaml", "rl", _set(["spec", "failurePolicy", "rules", 0, "name"], "infra-disruption"),
-     "rule name 'infra-disruption' must match"),
-    ("ttl", "industrial/train.yaml", "sft", _set(["spec", "ttlSecondsAfterFinished"], 60), "ttlSecondsAfterFinished must be >= 3600"),
-    ("ttl", "industrial/upload.yaml", "upload", _set(["spec", "ttlSecondsAfterFinished"], _DELETE), "got None"),
-    ("workload-identity", "industrial/train.yaml", "sft", _set(_POD + ["serviceAccountName"], _DELETE), "serviceAccountName"),
-    ("workload-identity", "industrial/upload.yaml", "upload", _set(["spec", "template", "spec", "serviceAccountName"], "default"),
-     "serviceAccountName"),
-    ("checkpoints-gcs", "industrial/train.yaml", "sft",
-     lambda d: _container(d).update(args=[a.replace("run.dir=gs://", "run.dir=/tmp/") for a in _container(d)["args"]]),
-     "run.dir must be a gs:// prefix"),
+    (
+        "name-length",
+        "industrial/upload.yaml",
+        "upload",
+        _set(["metadata", "name"], "u" * 60),
+        "pod names <job>-xxxxx",
+    ),
+    (
+        "env",
+        "industrial/train.yaml",
+        "sft",
+        _env_set("JAX_PLATFORMS", _DELETE),
+        "JAX_PLATFORMS must be 'tpu'",
+    ),
+    (
+        "env",
+        "industrial/upload.yaml",
+        "upload",
+        _env_set("JAX_PLATFORMS", "tpu"),
+        "JAX_PLATFORMS must be 'cpu'",
+    ),
+    (
+        "env",
+        "industrial/train.yaml",
+        "sft",
+        _env_set(
+            "WANDB_API_KEY",
+            {"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {"name": "w", "key": "k"}}},
+        ),
+        "must be optional: true",
+    ),
+    (
+        "env",
+        "industrial/train.yaml",
+        "sft",
+        _env_set("WANDB_API_KEY", "secret-in-git"),
+        "must come from a Secret",
+    ),
+    (
+        "env",
+        "grpo-gsm8k/train.yaml",
+        "grpo",
+        _env_set("ROLLOUT_FAST_GENERATE", _DELETE),
+        "GRPO needs env ROLLOUT_FAST_GENERATE",
+    ),
+    (
+        "gcsfuse",
+        "industrial/train.yaml",
+        "sft",
+        _set(_RJ + ["template", "metadata", "annotations", "gke-gcsfuse/volumes"], _DELETE),
+        'annotation gke-gcsfuse/volumes: "true"',
+    ),
+    (
+        "gcsfuse",
+        "industrial/train.yaml",
+        "sft",
+        _set(_POD + ["volumes", 1, "csi", "volumeAttributes", "hostNetworkPodKSA"], _DELETE),
+        "hostNetworkPodKSA",
+    ),
+    (
+        "gcsfuse",
+        "industrial/train.yaml",
+        "sft",
+        _set(_RJ + ["template", "metadata", "annotations", "gke-gcsfuse/memory-limit"], "1Gi"),
+        'memory-limit should be "0"',
+    ),
+    (
+        "failure-policy",
+        "industrial/train.yaml",
+        "sft",
+        _set(["spec", "failurePolicy", "maxRestarts"], 0),
+        "maxRestarts must be 1..10",
+    ),
+    (
+        "failure-policy",
+        "industrial/train.yaml",
+        "rl",
+        _set(["spec", "failurePolicy"], _DELETE),
+        "maxRestarts must be 1..10",
+    ),
+    (
+        "failure-policy",
+        "industrial/train.yaml",
+        "rl",
+        _set(["spec", "failurePolicy", "rules", 0, "name"], "infra-disruption"),
+        "rule name 'infra-disruption' must match",
+    ),
+    (
+        "ttl",
+        "industrial/train.yaml",
+        "sft",
+        _set(["spec", "ttlSecondsAfterFinished"], 60),
+        "ttlSecondsAfterFinished must be >= 3600",
+    ),
+    (
+        "ttl",
+        "industrial/upload.yaml",
+        "upload",
+        _set(["spec", "ttlSecondsAfterFinished"], _DELETE),
+        "got None",
+    ),
+    (
+        "workload-identity",
+        "industrial/train.yaml",
+        "sft",
+        _set(_POD + ["serviceAccountName"], _DELETE),
+        "serviceAccountName",
+    ),
+    (
+        "workload-identity",
+        "industrial/upload.yaml",
+        "upload",
+        _set(["spec", "template", "spec", "serviceAccountName"], "default"),
+        "serviceAccountName",
+    ),
+    (
+        "checkpoints-gcs",
+        "industrial/train.yaml",
+        "sft",
+        lambda d: _container(d).update(
+            args=[a.replace("run.dir=gs://", "run.dir=/tmp/") for a in _container(d)["args"]]
+        ),
+        "run.dir must be a gs:// prefix",
+    ),
     ("shm", "industrial/train.yaml", "rl", _set(_POD + ["volumes", 0, "emptyDir"], {}), "/dev/shm"),
-    ("image", "industrial/train.yaml", "sft", _set(_C0 + ["image"], "us-docker.pkg.dev/p/rec/rec:latest"), ":latest"),
-    ("image", "industrial/upload.yaml", "upload", _set(["spec", "template", "spec", "containers", 0, "image"], "rec"), "tag or digest"),
-    ("verified-handoff", "industrial/eval.yaml", "eval", _set(_C0 + ["args"], ["rec", "eval", "--config", "x"]),
-     "rec handoff verify"),
-    ("verified-handoff", "industrial/eval.yaml", "eval", _env_set("REC_HANDOFF", "/tmp/handoff"), "REC_HANDOFF must be the gs://"),
-    ("verified-handoff", "industrial/eval.yaml", "eval",
-     _set(_C0 + ["args"], ["bash", "-c", 'rec handoff verify "$REC_HANDOFF"\nrec eval "model.path=$REC_HANDOFF"']),
-     "must stop the script"),
-    ("upload-job", "industrial/upload.yaml", "upload", _set(["spec", "template", "spec", "containers", 0, "args"], ["rec", "eval"]),
-     "rec handoff publish"),
+    (
+        "image",
+        "industrial/train.yaml",
+        "sft",
+        _set(_C0 + ["image"], "us-docker.pkg.dev/p/rec/rec:latest"),
+        ":latest",
+    ),
+    (
+        "image",
+        "industrial/upload.yaml",
+        "upload",
+        _set(["spec", "template", "spec", "containers", 0, "image"], "rec"),
+        "tag or digest",
+    ),
+    (
+        "verified-handoff",
+        "industrial/eval.yaml",
+        "eval",
+        _set(_C0 + ["args"], ["rec", "eval", "--config", "x"]),
+        "rec handoff verify",
+    ),
+    (
+        "verified-handoff",
+        "industrial/eval.yaml",
+        "eval",
+        _env_set("REC_HANDOFF", "/tmp/handoff"),
+        "REC_HANDOFF must be the gs://",
+    ),
+    (
+        "verified-handoff",
+        "industrial/eval.yaml",
+        "eval",
+        _set(
+            _C0 + ["args"],
+            ["bash", "-c", 'rec handoff verify "$REC_HANDOFF"\nrec eval "model.path=$REC_HANDOFF"'],
+        ),
+        "must stop the script",
+    ),
+    (
+        "upload-job",
+        "industrial/upload.yaml",
+        "upload",
+        _set(["spec", "template", "spec", "containers", 0, "args"], ["rec", "eval"]),
+        "rec handoff publish",
+    ),
 ]
 
 
-@pytest.mark.parametrize("rule,path,component,mutate,fragment", BROKEN, ids=[f"{b[0]}-{i}" for i, b in enumerate(BROKEN)])
+@pytest.mark.parametrize(
+    "rule,path,component,mutate,fragment", BROKEN, ids=[f"{b[0]}-{i}" for i, b in enumerate(BROKEN)]
+)
 def test_each_gke_rule_rejects_a_broken_manifest(rendered, rule, path, component, mutate, fragment):
     doc = _doc(rendered, path, component)
     assert checks.GKE_RULES[rule](doc) == [], "the good manifest must pass"
@@ -358,7 +609,10 @@ def test_workflow_and_argocd_checks(rendered):
     manifest = yaml.safe_load(wf["spec"]["templates"][1]["resource"]["manifest"])
     manifest["spec"]["replicatedJobs"][0]["template"]["spec"]["backoffLimit"] = 1
     wf["spec"]["templates"][1]["resource"]["manifest"] = yaml.safe_dump(manifest)
-    assert any(p.startswith("embedded JobSet/sft-industrial-r1: [slice-job]") for p in checks.check_document(wf, None))
+    assert any(
+        p.startswith("embedded JobSet/sft-industrial-r1: [slice-job]")
+        for p in checks.check_document(wf, None)
+    )
     app = copy.deepcopy(rendered[1]["argocd/application.yaml"][0])
     assert checks.check_document(app) == []
     app["spec"]["syncPolicy"]["automated"]["selfHeal"] = True
@@ -369,14 +623,26 @@ def test_workflow_and_argocd_checks(rendered):
 
 def test_cluster_setup_is_checked_as_builtin_kinds(rendered):
     docs = copy.deepcopy(rendered[1]["cluster/setup.yaml"])
-    assert [d["kind"] for d in docs] == ["Namespace", "ServiceAccount", "ServiceAccount", "Role", "RoleBinding"]
+    assert [d["kind"] for d in docs] == [
+        "Namespace",
+        "ServiceAccount",
+        "ServiceAccount",
+        "Role",
+        "RoleBinding",
+    ]
     assert all(checks.check_document(d) == [] for d in docs)
     docs[3]["rules"][0]["verb"] = ["get"]
     assert any(p.startswith("[k8s-schema]") and "verb" in p for p in checks.check_document(docs[3]))
     # the Workflow's service account may create exactly what the Workflow creates
     wf = rendered[1]["industrial/workflow.yaml"][0]
     assert wf["spec"]["serviceAccountName"] == docs[2]["metadata"]["name"] == docs[4]["subjects"][0]["name"]
-    allowed = {(g, r) for rule in docs[3]["rules"] if "create" in rule["verbs"] for g in rule["apiGroups"] for r in rule["resources"]}
+    allowed = {
+        (g, r)
+        for rule in docs[3]["rules"]
+        if "create" in rule["verbs"]
+        for g in rule["apiGroups"]
+        for r in rule["resources"]
+    }
     for template in wf["spec"]["templates"][1:]:
         manifest = yaml.safe_load(template["resource"]["manifest"])
         group = manifest["apiVersion"].split("/")[0] if "/" in manifest["apiVersion"] else ""
@@ -387,7 +653,9 @@ def test_validate_reports_file_object_and_rule_and_fails(tmp_path, capsys):
     render.render_all("dev", "industrial", None, tmp_path, environ={})
     path = tmp_path / "industrial/eval.yaml"
     doc = manifests.read_rendered(path)[0]
-    doc["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["google.com/tpu"] = 4
+    doc["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]["containers"][0]["resources"][
+        "limits"
+    ]["google.com/tpu"] = 4
     path.write_text(yaml.safe_dump(doc))
     assert render.main(["validate", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
@@ -415,11 +683,21 @@ def _edit(path: pathlib.Path, key: str, value) -> None:
 
 
 HOSTILE = [
-    ("env/dev.yaml", "bucket", "ok-bucket\nhostNetwork: true", "'bucket' = 'ok-bucket\\nhostNetwork: true': not a valid GCS bucket name"),
+    (
+        "env/dev.yaml",
+        "bucket",
+        "ok-bucket\nhostNetwork: true",
+        "'bucket' = 'ok-bucket\\nhostNetwork: true': not a valid GCS bucket name",
+    ),
     ("env/dev.yaml", "bucket", "my-google-bucket", "may not start with 'goog' or contain 'google'"),
     ("env/dev.yaml", "bucket", "gs://bucket", "without gs://"),
     ("env/dev.yaml", "bucket", "192.168.1.1", "IP addresses"),
-    ("env/dev.yaml", "namespace", "rec\n  privileged: true", "'namespace' = 'rec\\n  privileged: true': not a DNS-1123 label"),
+    (
+        "env/dev.yaml",
+        "namespace",
+        "rec\n  privileged: true",
+        "'namespace' = 'rec\\n  privileged: true': not a DNS-1123 label",
+    ),
     ("env/dev.yaml", "namespace", "Rec", "not a DNS-1123 label"),
     ("env/dev.yaml", "image", "reg.io/rec:1 # {evil: yes}", "not a container image reference"),
     ("env/dev.yaml", "image", "reg.io/rec", "give a tag or digest"),
@@ -444,7 +722,9 @@ HOSTILE = [
 ]
 
 
-@pytest.mark.parametrize("file,key,value,fragment", HOSTILE, ids=[f"{h[1]}-{i}" for i, h in enumerate(HOSTILE)])
+@pytest.mark.parametrize(
+    "file,key,value,fragment", HOSTILE, ids=[f"{h[1]}-{i}" for i, h in enumerate(HOSTILE)]
+)
 def test_hostile_values_are_rejected_with_one_line(values_dir, tmp_path, file, key, value, fragment):
     _edit(values_dir / file, key, value)
     with pytest.raises(RecError) as info:
@@ -455,12 +735,15 @@ def test_hostile_values_are_rejected_with_one_line(values_dir, tmp_path, file, k
     assert not (tmp_path / "out").exists(), "nothing may be written when a value is rejected"
 
 
-@pytest.mark.parametrize("argv,fragment", [
-    (["--dataset", "../values/env/dev"], "--dataset = '../values/env/dev': not a DNS-1123 label"),
-    (["--dataset", "nosuch"], "dataset/nosuch.yaml: values file not found"),
-    (["--env", "prod\nx"], "--env = 'prod\\nx'"),
-    (["--run", "R1"], "--run / RUN = 'R1': not a DNS-1123 label"),
-])
+@pytest.mark.parametrize(
+    "argv,fragment",
+    [
+        (["--dataset", "../values/env/dev"], "--dataset = '../values/env/dev': not a DNS-1123 label"),
+        (["--dataset", "nosuch"], "dataset/nosuch.yaml: values file not found"),
+        (["--env", "prod\nx"], "--env = 'prod\\nx'"),
+        (["--run", "R1"], "--run / RUN = 'R1': not a DNS-1123 label"),
+    ],
+)
 def test_hostile_command_line_values(tmp_path, capsys, argv, fragment):
     assert render.main(["render", "--out", str(tmp_path), *argv]) == 2
     err = capsys.readouterr().err
@@ -470,7 +753,9 @@ def test_hostile_command_line_values(tmp_path, capsys, argv, fragment):
 def test_templates_cannot_splice_raw_text(tmp_path):
     """Even a value that bypassed validation lands as one string: the structure cannot change."""
     hostile = 'x"\nspec: {hostNetwork: true}\n# '
-    (tmp_path / "t.yaml.j2").write_text("kind: Pod\nmetadata:\n  name: {{ name | q }}\n  labels:\n    a: {{ n | q }}\n")
+    (tmp_path / "t.yaml.j2").write_text(
+        "kind: Pod\nmetadata:\n  name: {{ name | q }}\n  labels:\n    a: {{ n | q }}\n"
+    )
     docs = manifests.render_template("t.yaml.j2", {"name": hostile, "n": 3}, templates_dir=tmp_path)
     assert docs == [{"kind": "Pod", "metadata": {"name": hostile, "labels": {"a": 3}}}]
     (tmp_path / "raw.yaml.j2").write_text("kind: Pod\nmetadata:\n  name: {{ name }}\n")
@@ -483,7 +768,11 @@ def test_validate_notes_configs_missing_from_the_checkout(values_dir, tmp_path):
     render.render_all("dev", "industrial", None, tmp_path / "out", values_dir=values_dir, environ={})
     notes = render.config_notes(sorted((tmp_path / "out").rglob("*.yaml")))
     assert any("configs/sft/no-such-config.yaml is named by the manifests but missing" in n for n in notes)
-    assert not any("configs/eval/industrial-v6e8.yaml" in n for n in notes if (ROOT / "configs/eval/industrial-v6e8.yaml").is_file())
+    assert not any(
+        "configs/eval/industrial-v6e8.yaml" in n
+        for n in notes
+        if (ROOT / "configs/eval/industrial-v6e8.yaml").is_file()
+    )
 
 
 def test_validate_rejects_unparsable_files(tmp_path, capsys):

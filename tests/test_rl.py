@@ -162,19 +162,34 @@ def test_rl_run_raises_reward_and_writes_checkpoints(tmp_path, synth_tokenizer_d
 
 
 @pytest.mark.slow
-def test_rl_resume_ends_in_the_same_state(tmp_path, synth_tokenizer_dir):
-    """4 steps in one go vs 2 steps, then the same command with 4 steps resuming from rl_last@2
-    (reference sync every 3 steps, so the restored reference matters too)."""
+def test_rl_resume_ends_in_the_same_state(tmp_path, synth_tokenizer_dir, monkeypatch):
+    """4 steps in one go vs a run killed right after its rl_last@2 checkpoint and restarted with the
+    same command (reference sync every 3 steps, so the restored reference matters too)."""
     from rec import checkpoint
 
     data_dir = _single_target_dataset(tmp_path)
     extra = ["rl.eval_limit=0", "rl.best_metric=", "train.save_every=2", "train.lr=0.003"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     RL.run_rl(load_config(TINY_RL, _tiny_overrides(data_dir, synth_tokenizer_dir, straight, 4) + extra))
-    RL.run_rl(load_config(TINY_RL, _tiny_overrides(data_dir, synth_tokenizer_dir, resumed, 4) + extra
-                          + ["train.steps=2"]))
+
+    class Killed(Exception):
+        pass
+
+    real_save = checkpoint.save
+
+    def save_then_die(run_dir, tag, state, step, meta=None):
+        path = real_save(run_dir, tag, state, step, meta)
+        if step == 2:
+            raise Killed()
+        return path
+
+    cfg = load_config(TINY_RL, _tiny_overrides(data_dir, synth_tokenizer_dir, resumed, 4) + extra)
+    monkeypatch.setattr(checkpoint, "save", save_then_die)
+    with pytest.raises(Killed):
+        RL.run_rl(cfg)
+    monkeypatch.setattr(checkpoint, "save", real_save)
     assert checkpoint.latest_step(str(resumed), "rl_last") == 2
-    RL.run_rl(load_config(TINY_RL, _tiny_overrides(data_dir, synth_tokenizer_dir, resumed, 4) + extra))
+    RL.run_rl(cfg)
     assert checkpoint.latest_step(str(resumed), "rl_last") == 4
     _, a = checkpoint.load_params(str(straight), "rl_last")
     _, b = checkpoint.load_params(str(resumed), "rl_last")

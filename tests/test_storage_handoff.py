@@ -36,23 +36,28 @@ def _write_run(prefix: str) -> None:
         storage.write_bytes(storage.join(prefix, rel), data)
 
 
-EXPECTED = sorted([
-    "checkpoints/rl_last/40/params/manifest.ocdbt",
-    "checkpoints/rl_last/40/params/d/0001",
-    "checkpoints/rl_last/40/meta/metadata",
-    "checkpoints/rl_last/40/commit_success.txt",
-    "tokenizer/tokenizer.json",
-    "tokenizer/tokenizer_config.json",
-    "config.yaml",
-    "run_summary.json",
-])
+EXPECTED = sorted(
+    [
+        "checkpoints/rl_last/40/params/manifest.ocdbt",
+        "checkpoints/rl_last/40/params/d/0001",
+        "checkpoints/rl_last/40/meta/metadata",
+        "checkpoints/rl_last/40/commit_success.txt",
+        "tokenizer/tokenizer.json",
+        "tokenizer/tokenizer_config.json",
+        "config.yaml",
+        "run_summary.json",
+    ]
+)
 
 
 def test_crc32c_matches_independent_implementation():
     # CRC32C check value from RFC 3720 (iSCSI): "123456789" -> 0xE3069283.
     assert handoff.crc32c_of_bytes(b"123456789") == base64.b64encode((0xE3069283).to_bytes(4, "big")).decode()
     # and it is not plain CRC32 (zlib), which a wrong library choice would give
-    assert handoff.crc32c_of_bytes(b"123456789") != base64.b64encode(zlib.crc32(b"123456789").to_bytes(4, "big")).decode()
+    assert (
+        handoff.crc32c_of_bytes(b"123456789")
+        != base64.b64encode(zlib.crc32(b"123456789").to_bytes(4, "big")).decode()
+    )
 
 
 def test_publish_then_verify_on_gcs(gcs_bucket):
@@ -61,7 +66,11 @@ def test_publish_then_verify_on_gcs(gcs_bucket):
     _write_run(run)
     result = handoff.publish(run, dest, "rl_last", progress=False)
     assert result["checkpoint"] == f"{dest}/checkpoints/rl_last/40"
-    assert (result["objects"], result["copied"], result["already_present"]) == (len(EXPECTED), len(EXPECTED), 0)
+    assert (result["objects"], result["copied"], result["already_present"]) == (
+        len(EXPECTED),
+        len(EXPECTED),
+        0,
+    )
     manifest = json.loads(storage.read_text(f"{dest}/MANIFEST.json"))
     assert [o["path"] for o in manifest["objects"]] == EXPECTED
     files = _files_of_run()
@@ -105,7 +114,9 @@ def test_no_clobber_conflict_refuses_to_overwrite(gcs_bucket):
     dest = f"gs://{gcs_bucket}/handoff"
     _write_run(run)
     storage.write_bytes(f"{dest}/tokenizer/tokenizer.json", b"someone else's tokenizer")
-    with pytest.raises(RecError, match=r"tokenizer/tokenizer.json: already exists with different content.*refusing"):
+    with pytest.raises(
+        RecError, match=r"tokenizer/tokenizer.json: already exists with different content.*refusing"
+    ):
         handoff.publish(run, dest, "rl_last", progress=False)
     assert storage.read_bytes(f"{dest}/tokenizer/tokenizer.json") == b"someone else's tokenizer"
     assert not storage.exists(f"{dest}/MANIFEST.json")
@@ -173,7 +184,9 @@ def test_verify_refuses_missing_or_broken_manifest(gcs_bucket):
 def test_publish_errors_name_what_is_missing(gcs_bucket):
     run = f"gs://{gcs_bucket}/run"
     storage.write_bytes(f"{run}/checkpoints/sft_best/3/x", b"x")
-    with pytest.raises(RecError, match=r"checkpoints/rl_last: no finalised checkpoint step \(tags present: sft_best\)"):
+    with pytest.raises(
+        RecError, match=r"checkpoints/rl_last: no finalised checkpoint step \(tags present: sft_best\)"
+    ):
         handoff.publish(run, f"gs://{gcs_bucket}/h", "rl_last", progress=False)
     with pytest.raises(RecError, match="tokenizer/: missing"):
         handoff.publish(run, f"gs://{gcs_bucket}/h", "sft_best", progress=False)
@@ -183,8 +196,12 @@ def test_publish_errors_name_what_is_missing(gcs_bucket):
 
 def test_step_choice_prefers_committed_steps(tmp_path):
     run = tmp_path / "run"
-    for rel in ("checkpoints/t/7/commit_success.txt", "checkpoints/t/7/a", "checkpoints/t/9/a",
-                "checkpoints/t/10.orbax-checkpoint-tmp-5/a"):
+    for rel in (
+        "checkpoints/t/7/commit_success.txt",
+        "checkpoints/t/7/a",
+        "checkpoints/t/9/a",
+        "checkpoints/t/10.orbax-checkpoint-tmp-5/a",
+    ):
         storage.write_bytes(str(run / rel), b"x")
     # step 9 has no commit marker while step 7 has one: 9 was not finalised
     assert handoff.choose_step(handoff._Prefix(str(run)), "t") == 7

@@ -114,11 +114,15 @@ def test_chunked_logprobs_equal_dense(chunk):
     want = jnp.where(targets >= 0, want, 0.0)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
     # gradients through the rematerialised chunks equal the dense ones
-    g_chunk = jax.grad(lambda w: chunked_token_logprobs(hidden, targets, _dense_logits_fn(w), chunk).sum())(weight)
+    g_chunk = jax.grad(lambda w: chunked_token_logprobs(hidden, targets, _dense_logits_fn(w), chunk).sum())(
+        weight
+    )
     g_dense = jax.grad(
         lambda w: jnp.where(
             targets >= 0,
-            jnp.take_along_axis(jax.nn.log_softmax(hidden @ w, -1), jnp.maximum(targets, 0)[..., None], -1)[..., 0],
+            jnp.take_along_axis(jax.nn.log_softmax(hidden @ w, -1), jnp.maximum(targets, 0)[..., None], -1)[
+                ..., 0
+            ],
             0.0,
         ).sum()
     )(weight)
@@ -133,7 +137,9 @@ def test_token_cross_entropy_matches_torch():
     labels = rng.integers(0, 9, size=(3, 6))
     labels[:, :3] = IGNORE_INDEX  # prompt
     labels[1, :] = IGNORE_INDEX  # a row with no targets
-    loss, aux = token_cross_entropy(jnp.asarray(hidden), jnp.asarray(labels), _dense_logits_fn(jnp.asarray(weight)), 4)
+    loss, aux = token_cross_entropy(
+        jnp.asarray(hidden), jnp.asarray(labels), _dense_logits_fn(jnp.asarray(weight)), 4
+    )
     logits = torch.tensor(hidden) @ torch.tensor(weight)
     # HF causal LM loss: logits[:, :-1] predict labels[:, 1:]
     ref = torch.nn.functional.cross_entropy(

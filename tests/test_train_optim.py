@@ -28,14 +28,18 @@ def test_linear_warmup_then_decay_hand_values():
 
 
 def test_cosine_with_floor_and_warmup_ratio():
-    opt = make_optimizer(_cfg(lr=2.0, warmup_steps=0, warmup_ratio=0.1, schedule="cosine", min_lr_ratio=0.1), 100)
+    opt = make_optimizer(
+        _cfg(lr=2.0, warmup_steps=0, warmup_ratio=0.1, schedule="cosine", min_lr_ratio=0.1), 100
+    )
     assert opt.warmup_steps == 10
     assert opt.lr_at(5) == pytest.approx(1.0)
     assert opt.lr_at(10) == pytest.approx(2.0)
     # halfway through the decay: floor + (1 - floor) * 0.5 * (1 + cos(pi/2)) = 0.1 + 0.45 = 0.55 of peak
     assert opt.lr_at(55) == pytest.approx(2.0 * 0.55, rel=1e-6)
     assert opt.lr_at(100) == pytest.approx(0.2, rel=1e-6)
-    assert opt.lr_at(37) == pytest.approx(2.0 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 27 / 90))), rel=1e-6)
+    assert opt.lr_at(37) == pytest.approx(
+        2.0 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 27 / 90))), rel=1e-6
+    )
 
 
 def test_constant_after_warmup_and_bad_values():
@@ -49,13 +53,18 @@ def test_constant_after_warmup_and_bad_values():
 
 def test_adamw_clip_and_schedule_match_torch():
     torch = pytest.importorskip("torch")
-    cfg = _cfg(lr=0.1, warmup_steps=2, schedule="linear", weight_decay=0.05, grad_clip=0.5, b1=0.8, b2=0.95, eps=1e-6)
+    cfg = _cfg(
+        lr=0.1, warmup_steps=2, schedule="linear", weight_decay=0.05, grad_clip=0.5, b1=0.8, b2=0.95, eps=1e-6
+    )
     total = 6
     opt = make_optimizer(cfg, total)
     rng = np.random.default_rng(0)
     w0 = rng.normal(size=(3, 4)).astype(np.float32)
     b0 = rng.normal(size=(4,)).astype(np.float32)
-    grads = [(rng.normal(size=(3, 4)).astype(np.float32), rng.normal(size=(4,)).astype(np.float32)) for _ in range(5)]
+    grads = [
+        (rng.normal(size=(3, 4)).astype(np.float32), rng.normal(size=(4,)).astype(np.float32))
+        for _ in range(5)
+    ]
 
     params = {"w": jnp.asarray(w0), "b": jnp.asarray(b0)}
     state = opt.tx.init(params)
@@ -67,9 +76,14 @@ def test_adamw_clip_and_schedule_match_torch():
     tb = torch.nn.Parameter(torch.tensor(b0))
     # Weight decay on matrices only (HF Trainer excludes biases and norms).
     topt = torch.optim.AdamW(
-        [{"params": [tw], "weight_decay": 0.05}, {"params": [tb], "weight_decay": 0.0}], lr=0.1, betas=(0.8, 0.95), eps=1e-6
+        [{"params": [tw], "weight_decay": 0.05}, {"params": [tb], "weight_decay": 0.0}],
+        lr=0.1,
+        betas=(0.8, 0.95),
+        eps=1e-6,
     )
-    sched = torch.optim.lr_scheduler.LambdaLR(topt, lambda s: s / 2 if s < 2 else max(0.0, (total - s) / (total - 2)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        topt, lambda s: s / 2 if s < 2 else max(0.0, (total - s) / (total - 2))
+    )
     for gw, gb in grads:
         tw.grad = torch.tensor(gw)
         tb.grad = torch.tensor(gb)

@@ -45,8 +45,9 @@ def _state_leaves(run_dir):
     import orbax.checkpoint as ocp
 
     with ocp.CheckpointManager(directory.rsplit(os.sep, 1)[0]) as manager:
-        restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(),
-                                                                  rest=ocp.args.StandardRestore()))
+        restored = manager.restore(
+            step, args=ocp.args.Composite(params=ocp.args.StandardRestore(), rest=ocp.args.StandardRestore())
+        )
     return step, jax.tree.map(np.asarray, {"params": restored["params"], "rest": restored["rest"]})
 
 
@@ -67,7 +68,7 @@ def test_resume_after_crash_equals_uninterrupted_run(tmp_path, synth_dataset_dir
     assert step_a == step_b == 6
     leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
     assert len(leaves_a) == len(leaves_b)
-    for x, y in zip(leaves_a, leaves_b):
+    for x, y in zip(leaves_a, leaves_b, strict=True):
         np.testing.assert_array_equal(x, y)  # params, Adam moments, step, rng, data position: bit for bit
     assert int(b["rest"]["data_position"]) == 6
 
@@ -99,7 +100,14 @@ def test_resume_after_crash_equals_uninterrupted_run(tmp_path, synth_dataset_dir
 def test_early_stopping_and_finished_run_is_not_retrained(tmp_path, synth_dataset_dir, synth_tokenizer_dir):
     run = str(tmp_path / "run")
     # lr 0: the validation loss never improves after the first validation
-    cfg = _cfg(run, synth_dataset_dir, synth_tokenizer_dir, "train.lr=0", "train.early_stopping_patience=1", "train.steps=8")
+    cfg = _cfg(
+        run,
+        synth_dataset_dir,
+        synth_tokenizer_dir,
+        "train.lr=0",
+        "train.early_stopping_patience=1",
+        "train.steps=8",
+    )
     summary = sft.run_sft(cfg)
     assert summary["train/early_stopped"] and summary["train/steps"] == 4
     assert summary["train/best_step"] == 2
@@ -115,7 +123,10 @@ def test_config_errors(tmp_path, synth_dataset_dir, synth_tokenizer_dir):
     cfg = _cfg(str(tmp_path / "r"), synth_dataset_dir, synth_tokenizer_dir, "train.steps=0", "train.epochs=0")
     with pytest.raises(RecError, match="train.steps"):
         sft.total_steps_for(cfg.train, 10)
-    assert sft.total_steps_for(_cfg(str(tmp_path / "r"), "", "", "train.steps=0", "train.epochs=2.5").train, 10) == 25
+    assert (
+        sft.total_steps_for(_cfg(str(tmp_path / "r"), "", "", "train.steps=0", "train.epochs=2.5").train, 10)
+        == 25
+    )
     assert sft.eval_interval(cfg.train, 1000) == 2
     cfg.train.eval_every = 0
     assert sft.eval_interval(cfg.train, 1000) == 50  # 5% of the run, as upstream

@@ -5,7 +5,7 @@
             k8s/rendered/grpo-gsm8k/train.yaml, argocd/application.yaml, cluster/setup.yaml (deterministic)
   validate  every rendered file: JobSet CRD schema (strict), batch/v1 (strict), GKE TPU rules
   submit    create one step's object (no waiting);  wait: wait for one step
-  status    state of every step of a dataset (and GRPO)
+  status    state of every step of a dataset (and GRPO);  logs: last lines of each pod of a step
   train     render + validate + sft -> rl, waiting for each
   upload    render + validate + publish the trained checkpoint to the verified handoff
   eval      render + validate + eval of the verified handoff on a v6e-8 host
@@ -45,9 +45,18 @@ def _datasets(arg: str, values_dir: pathlib.Path) -> list[str]:
     return [arg]
 
 
-def render_all(env_name: str, dataset_arg: str, run: str | None, out_dir: pathlib.Path,
-               values_dir: pathlib.Path = values.VALUES_DIR, environ: dict | None = None):
-    """Render the dataset(s), GRPO and the Argo CD Application. Returns (paths, steps by name)."""
+def render_all(
+    env_name: str,
+    dataset_arg: str,
+    run: str | None,
+    out_dir: pathlib.Path,
+    values_dir: pathlib.Path = values.VALUES_DIR,
+    environ: dict | None = None,
+    write: bool = True,
+):
+    """Render the dataset(s), GRPO, the Argo CD Application and the cluster setup; write them to
+    `out_dir` unless `write` is false (status/wait only need the names).
+    Returns (env values, written paths, {dataset or "grpo": {step name: Step}})."""
     env = values.load_env(env_name, values_dir)
     run_name = values.check_run(run, "--run / RUN") if run else env.run
     files: list[manifests.RenderedFile] = []
@@ -63,7 +72,7 @@ def render_all(env_name: str, dataset_arg: str, run: str | None, out_dir: pathli
     steps["grpo"] = {s.name: s for s in grpo_steps}
     files += manifests.plan_argocd(env)
     files += manifests.plan_cluster(env)
-    paths = manifests.write_rendered(files, out_dir, env_name)
+    paths = manifests.write_rendered(files, out_dir, env_name) if write else []
     return env, paths, steps
 
 
@@ -92,8 +101,10 @@ def validate_files(paths: list[pathlib.Path], crd_path: pathlib.Path | None = ch
         for manifest in embedded:
             label = checks.object_label(manifest)
             if label in siblings and siblings[label] != manifest:
-                problems.append(f"{_rel(path)}: {checks.object_label(wf)}: [workflow] embedded {label} differs from "
-                                f"the one in {path.parent.name}/ (render both from the same values)")
+                problems.append(
+                    f"{_rel(path)}: {checks.object_label(wf)}: [workflow] embedded {label} differs from "
+                    f"the one in {path.parent.name}/ (render both from the same values)"
+                )
     return problems
 
 
@@ -106,8 +117,11 @@ def config_notes(paths: list[pathlib.Path]) -> list[str]:
         for doc in manifests.read_rendered(path):
             text = yaml.safe_dump(doc)
             named.update(re.findall(r"(configs/[A-Za-z0-9._/-]+\.yaml)", text))
-    return [f"note: {name} is named by the manifests but missing from this checkout (and so from the image)"
-            for name in sorted(named) if not (ROOT / name).is_file()]
+    return [
+        f"note: {name} is named by the manifests but missing from this checkout (and so from the image)"
+        for name in sorted(named)
+        if not (ROOT / name).is_file()
+    ]
 
 
 def _rel(path: pathlib.Path) -> str:
@@ -135,14 +149,20 @@ def _check_or_raise(paths: list[pathlib.Path], crd_path: pathlib.Path | None) ->
 def _crd(args) -> pathlib.Path | None:
     path = pathlib.Path(args.crd) if args.crd else checks.CRD_PATH
     if not path.is_file():
-        print(f"note: {path} not found: JobSet CRD schema check skipped (batch/v1 and GKE rules still run)", file=sys.stderr)
+        print(
+            f"note: {path} not found: JobSet CRD schema check skipped (batch/v1 and GKE rules still run)",
+            file=sys.stderr,
+        )
         return None
     return path
 
 
 def _timeouts(args) -> dict[str, float]:
     if args.timeout:
-        return {"default": kube.parse_duration(args.timeout), **{k: kube.parse_duration(args.timeout) for k in STEP_TIMEOUTS}}
+        return {
+            "default": kube.parse_duration(args.timeout),
+            **{k: kube.parse_duration(args.timeout) for k in STEP_TIMEOUTS},
+        }
     return dict(STEP_TIMEOUTS)
 
 
@@ -154,7 +174,9 @@ def _select_steps(action: str, steps: dict, dataset: str) -> list[manifests.Step
 
 def _client(args, env) -> kube.KubeClient:
     hint = f"gcloud container clusters get-credentials {env.cluster} --location {env.location} --project {env.project}"
-    return kube.KubeClient(context=args.context or env.context, kubeconfig=args.kubeconfig, credentials_hint=hint)
+    return kube.KubeClient(
+        context=args.context or env.context, kubeconfig=args.kubeconfig, credentials_hint=hint
+    )
 
 
 def cmd_render(args) -> None:
@@ -169,8 +191,10 @@ def cmd_validate(args) -> None:
     if not paths:
         raise RecError(f"{args.out}: no rendered manifests (run `make render`)")
     _check_or_raise(paths, crd)
-    print(f"ok: {len(paths)} file(s) valid (JobSet CRD schema{' ' if crd else ' skipped, '}strict, batch/v1 strict, "
-          f"{len(checks.GKE_RULES)} GKE TPU rules)")
+    print(
+        f"ok: {len(paths)} file(s) valid (JobSet CRD schema{' ' if crd else ' skipped, '}strict, batch/v1 strict, "
+        f"{len(checks.GKE_RULES)} GKE TPU rules)"
+    )
 
 
 def cmd_run(args) -> None:
@@ -178,8 +202,9 @@ def cmd_run(args) -> None:
     dataset = args.dataset
     if args.action != "grpo" and dataset == "all":
         raise RecError(f"{args.action}: pick one dataset (DATASET=industrial or office), not 'all'")
-    env, paths, steps = render_all(args.env, dataset if args.action != "grpo" else args.dataset, args.run,
-                                   pathlib.Path(args.out))
+    env, paths, steps = render_all(
+        args.env, dataset if args.action != "grpo" else args.dataset, args.run, pathlib.Path(args.out)
+    )
     _check_or_raise(paths, _crd(args))
     selected = _select_steps(args.action, steps, dataset)
     client = None if args.dry_run else _client(args, env)
@@ -187,8 +212,15 @@ def cmd_run(args) -> None:
     def hint(step):
         return kube.logs_hint(step, args.context or env.context, env.cluster, env.project)
 
-    kube.run_steps(client, selected, _timeouts(args), poll=args.poll, dry_run=args.dry_run,
-                   progress=not args.no_progress, log_hint=hint)
+    kube.run_steps(
+        client,
+        selected,
+        _timeouts(args),
+        poll=args.poll,
+        dry_run=args.dry_run,
+        progress=not args.no_progress,
+        log_hint=hint,
+    )
     if not args.dry_run:
         print(f"{args.action}: done")
 
@@ -209,19 +241,21 @@ def cmd_submit(args) -> None:
 
 
 def cmd_wait(args) -> None:
-    env, _, steps = render_all(args.env, args.dataset, args.run, pathlib.Path(args.out))
+    env, _, steps = render_all(args.env, args.dataset, args.run, pathlib.Path(args.out), write=False)
     step = _one_step(args, steps)
     client = _client(args, env)
     timeout = _timeouts(args).get(step.name, 48 * 3600)
     hint = kube.logs_hint(step, args.context or env.context, env.cluster, env.project)
     state = kube.wait_for(client, step, timeout, args.poll, progress=not args.no_progress, hint=hint)
     if state.phase == "Failed":
-        raise RecError(f"{step.kind} {step.namespace}/{step.object_name} failed ({state.message or 'no reason given'}); logs: {hint}")
+        raise RecError(
+            f"{step.kind} {step.namespace}/{step.object_name} failed ({state.message or 'no reason given'}); logs: {hint}"
+        )
     print(f"{step.kind} {step.namespace}/{step.object_name}: {state.phase}")
 
 
 def cmd_status(args) -> None:
-    env, _, steps = render_all(args.env, args.dataset, args.run, pathlib.Path(args.out))
+    env, _, steps = render_all(args.env, args.dataset, args.run, pathlib.Path(args.out), write=False)
     wanted = [s for name in _datasets(args.dataset, values.VALUES_DIR) for s in steps[name].values()]
     wanted += list(steps["grpo"].values())
     if args.dry_run:
@@ -229,6 +263,24 @@ def cmd_status(args) -> None:
             print(f"would read {step.kind} {step.namespace}/{step.object_name}")
         return
     for line in kube.status_lines(_client(args, env), wanted):
+        print(line)
+
+
+def cmd_logs(args) -> None:
+    env, _, steps = render_all(args.env, args.dataset, args.run, pathlib.Path(args.out), write=False)
+    client = _client(args, env)
+    if args.step:
+        step = _one_step(args, steps)
+    else:  # the latest step of the pipeline that was submitted
+        order = list(steps[args.dataset].values()) if args.dataset != "all" else []
+        submitted = [s for s in order if client.get(s.kind, s.namespace, s.object_name) is not None]
+        if not submitted:
+            raise RecError(
+                f"nothing of {args.dataset} run {args.run or env.run} was submitted yet; "
+                "name a step with STEP=sft|rl|upload|eval|grpo (make logs STEP=grpo)"
+            )
+        step = submitted[-1]
+    for line in kube.log_lines(client, step, args.tail):
         print(line)
 
 
@@ -241,23 +293,41 @@ def _one_step(args, steps) -> manifests.Step:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tools/render.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 1)[1])
+    parser = argparse.ArgumentParser(
+        prog="tools/render.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n", 1)[1],
+    )
     sub = parser.add_subparsers(dest="action", metavar="ACTION")
     sub.required = True
 
     def common(p, needs_dataset=True):
-        p.add_argument("--env", default=os.environ.get("ENV", "dev"), help="k8s/values/env/<ENV>.yaml (default dev)")
+        p.add_argument(
+            "--env", default=os.environ.get("ENV", "dev"), help="k8s/values/env/<ENV>.yaml (default dev)"
+        )
         if needs_dataset:
-            p.add_argument("--dataset", default="industrial", help="k8s/values/dataset/<DATASET>.yaml, or 'all'")
-        p.add_argument("--run", default="", help="run name (default: the env's `run`); a new name starts a new run")
+            p.add_argument(
+                "--dataset", default="industrial", help="k8s/values/dataset/<DATASET>.yaml, or 'all'"
+            )
+        p.add_argument(
+            "--run", default="", help="run name (default: the env's `run`); a new name starts a new run"
+        )
         p.add_argument("--out", default=str(manifests.RENDERED_DIR), help="rendered manifests directory")
-        p.add_argument("--crd", default="", help="JobSet CRD YAML (default ../shared/k8s/jobset.x-k8s.io_jobsets.yaml)")
+        p.add_argument(
+            "--crd", default="", help="JobSet CRD YAML (default ../shared/k8s/jobset.x-k8s.io_jobsets.yaml)"
+        )
 
     def cluster(p):
         p.add_argument("--context", default="", help="kubeconfig context (default: the env's kube_context)")
-        p.add_argument("--kubeconfig", default=None, help="kubeconfig file (default $KUBECONFIG or ~/.kube/config)")
-        p.add_argument("--timeout", default="", help="per step, e.g. 30m or 48h (defaults: train 48h, upload 2h, eval 12h)")
+        p.add_argument(
+            "--kubeconfig", default=None, help="kubeconfig file (default $KUBECONFIG or ~/.kube/config)"
+        )
+        p.add_argument(
+            "--timeout",
+            default="",
+            help="per step, e.g. 30m or 48h (defaults: train 48h, upload 2h, eval 12h)",
+        )
         p.add_argument("--poll", type=float, default=30.0, help="seconds between status polls")
         p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
         p.add_argument("--dry-run", action="store_true", help="print the plan; touch no cluster")
@@ -289,6 +359,13 @@ def build_parser() -> argparse.ArgumentParser:
     cluster(p)
     p.add_argument("--step", required=True, choices=["sft", "rl", "upload", "eval", "grpo"])
     p.set_defaults(fn=cmd_wait)
+
+    p = sub.add_parser("logs", help="last log lines of every pod of a step (default: the latest submitted)")
+    common(p)
+    cluster(p)
+    p.add_argument("--step", default="", choices=["", "sft", "rl", "upload", "eval", "grpo"])
+    p.add_argument("--tail", type=int, default=100, help="lines per pod (default 100)")
+    p.set_defaults(fn=cmd_logs)
 
     p = sub.add_parser("status", help="state of the dataset's (and GRPO's) JobSets and Job")
     common(p)

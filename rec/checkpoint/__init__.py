@@ -32,7 +32,6 @@ from rec.errors import RecError
 log = logging.getLogger("rec.checkpoint")
 
 
-
 def _ocp():
     import orbax.checkpoint as ocp
 
@@ -151,7 +150,9 @@ def restore(run_dir: str, tag: str, abstract_state: Any, step: int | None = None
     try:
         restored = manager.restore(step, args=ocp.args.Composite(**args))
     except (ValueError, KeyError, FileNotFoundError) as exc:
-        raise RecError(f"{tag_dir(run_dir, tag)}/{step}: cannot restore ({str(exc).splitlines()[0]})") from None
+        raise RecError(
+            f"{tag_dir(run_dir, tag)}/{step}: cannot restore ({str(exc).splitlines()[0]})"
+        ) from None
     finally:
         manager.close()
     values = _from_items(restored, tuple(items))
@@ -197,7 +198,9 @@ def preferred_tag(run_dir: str) -> str:
     raise RecError(f"{run_dir}: no checkpoints in this run directory")
 
 
-def load_params(run_dir: str, tag: str, mesh=None, rules=None, step: int | None = None, dtype: str | None = None):
+def load_params(
+    run_dir: str, tag: str, mesh=None, rules=None, step: int | None = None, dtype: str | None = None
+):
     """(shape, params) of a checkpoint for inference: parameters only, no optimizer state.
 
     `tag` "" = the run's preferred model (rl_last, rl_best, sft_best, sft_last: first present).
@@ -222,7 +225,9 @@ def load_params(run_dir: str, tag: str, mesh=None, rules=None, step: int | None 
         lambda m: jax.ShapeDtypeStruct(tuple(m.shape), target_dtype or m.dtype), saved, is_leaf=_is_array_meta
     )
     shardings = dist.param_shardings(abstract, mesh, rules)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    abstract = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
     manager = _manager(tag_dir(run_dir, tag), create=False)
     try:
         restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))

@@ -56,7 +56,9 @@ def sample_next_token(logits: jax.Array, key: jax.Array, temperature, top_p, gre
         return best
     temperature = jnp.asarray(temperature, jnp.float32)
     scaled = logits / jnp.maximum(temperature, 1e-6)
-    sampled = jax.random.categorical(key, top_p_filter(scaled, top_p), axis=-1).astype(jnp.int32)
+    # top_p >= 1 is the common setting: skip the full-vocabulary sort then.
+    filtered = jax.lax.cond(jnp.asarray(top_p) >= 1.0, lambda x: x, lambda x: top_p_filter(x, top_p), scaled)
+    sampled = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
     return jnp.where(temperature > 0, sampled, best)
 
 
@@ -179,3 +181,16 @@ def generate(params, shape, prompt_ids, prompt_mask, rng, *, temperature=1.0, to
     tokens = state[1]
     mask, lengths = completion_mask_from_tokens(tokens, int(eos_id))
     return tokens, mask, lengths
+
+
+FAST_GENERATE_ENV = "ROLLOUT_FAST_GENERATE"
+FAST_ATTENTION_ENV = "ROLLOUT_FAST_QWEN2_DECODE_ATTENTION"
+
+
+def rollout_fast_paths(fast_generate: str = "auto", fast_decode_attention: str = "auto") -> tuple[bool, bool]:
+    """(fast_generate, fast_attention) for a rollout: on by default; the environment variables
+    ROLLOUT_FAST_GENERATE / ROLLOUT_FAST_QWEN2_DECODE_ATTENTION win when set ("0" = off); otherwise
+    the config settings ("auto" | "on" | "off", `grpo.fast_generate` / `grpo.fast_decode_attention`)."""
+    from rec.config import env_flag  # noqa: PLC0415
+
+    return env_flag(FAST_GENERATE_ENV, fast_generate), env_flag(FAST_ATTENTION_ENV, fast_decode_attention)

@@ -77,7 +77,10 @@ def init_distributed() -> None:
     global _INITIALISED
     if _INITIALISED:
         return
-    explicit = {k: os.environ.get(k, "").strip() for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
+    explicit = {
+        k: os.environ.get(k, "").strip()
+        for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+    }
     expected = expected_process_count()
     if any(explicit.values()):
         missing = [k for k, v in explicit.items() if not v]
@@ -94,7 +97,9 @@ def init_distributed() -> None:
             address = f"{address}:{DEFAULT_COORDINATOR_PORT}"
         if expected > 1:
             log.info("joining %d-process run as process %d via %s", expected, process_id, address)
-            jax.distributed.initialize(coordinator_address=address, num_processes=expected, process_id=process_id)
+            jax.distributed.initialize(
+                coordinator_address=address, num_processes=expected, process_id=process_id
+            )
     elif expected > 1:
         log.info("TPU slice with %d hosts: jax.distributed auto-detection", expected)
         jax.distributed.initialize()
@@ -137,7 +142,7 @@ def sync(name: str) -> None:
 
 
 def parse_mesh_shape(mesh_shape: str, num_devices: int) -> tuple[int, int, int]:
-    """"auto" -> (1, N, 1); "D,F,T" with at most one -1 (= fill) -> sizes whose product is N."""
+    """ "auto" -> (1, N, 1); "D,F,T" with at most one -1 (= fill) -> sizes whose product is N."""
     text = str(mesh_shape).strip().lower()
     if text == "auto":
         return (1, num_devices, 1)
@@ -190,7 +195,7 @@ def make_mesh(mesh_shape: str = "auto", devices: Sequence[Any] | None = None) ->
 
 
 def tree_paths(tree: Any) -> list[str]:
-    """"/"-joined key paths of every leaf, in flatten order."""
+    """ "/"-joined key paths of every leaf, in flatten order."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return [path_string(path) for path, _ in leaves]
 
@@ -215,7 +220,9 @@ def _axis_size(mesh: Mesh, axes: Any) -> int:
     return int(np.prod([mesh.shape[a] for a in axes]))
 
 
-def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh, rules: Sequence[tuple[str, P]]) -> tuple[P, list[str]]:
+def spec_for(
+    path: str, shape: tuple[int, ...], mesh: Mesh, rules: Sequence[tuple[str, P]]
+) -> tuple[P, list[str]]:
     """The PartitionSpec of one leaf: the first rule whose regex matches the path (re.search);
     dimensions the mesh axes do not divide are replicated. Returns (spec, notes on fallbacks)."""
     spec: tuple = ()

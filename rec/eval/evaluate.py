@@ -134,6 +134,19 @@ def _csv_lines(path: str, n_rows: int) -> list[int]:
     return lines
 
 
+def _read_summary(path: str) -> dict:
+    """An existing run_summary.json (train/* figures to keep), or {}."""
+    if not storage.exists(path):
+        return {}
+    try:
+        existing = json.loads(storage.read_text(path))
+    except json.JSONDecodeError as exc:
+        raise RecError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); fix or remove it") from None
+    if not isinstance(existing, dict):
+        raise RecError(f"{path}: expected a JSON object")
+    return existing
+
+
 def _progress(total: int, enabled: bool, desc: str):
     from tqdm import tqdm
 
@@ -148,8 +161,15 @@ def run_eval(cfg) -> dict:
     from rec.data.dataset import load_catalogue, read_split, split_path
     from rec.data.prompts import eval_prompt
     from rec.decode.beam import constrained_beam_search, decode_sids
-    from rec.dist import batch_divisor, init_distributed, is_primary, make_mesh, process_allgather, shard_batch
     from rec.decode.trie import trie_from_sids
+    from rec.dist import (
+        batch_divisor,
+        init_distributed,
+        is_primary,
+        make_mesh,
+        process_allgather,
+        shard_batch,
+    )
     from rec.tokenizer import encode, newline_id
     from rec.train.common import load_model_and_tokenizer
 
@@ -165,6 +185,11 @@ def run_eval(cfg) -> dict:
     if any(s not in known for r in rows for s in (r.item_sid, *r.history_sids)):
         check_rows(path, rows, known, _csv_lines(path, len(rows)))
 
+    beams = cfg.eval.beams
+    if beams > len(known):
+        raise RecError(f"config: 'eval.beams' ({beams}) is more than the {len(known)} distinct SIDs of the catalogue")
+    existing_summary = _read_summary(storage.join(cfg.run.dir, SUMMARY_FILE))  # fail before decoding, not after
+
     mesh = make_mesh(cfg.mesh.shape)
     if cfg.eval.batch_size % batch_divisor(mesh):
         raise RecError(
@@ -173,9 +198,6 @@ def run_eval(cfg) -> dict:
         )
     shape, params, tok = load_model_and_tokenizer(cfg, catalogue, "eval", mesh=mesh)
     trie = trie_from_sids(catalogue.all_sids, tok, newline_id(tok), tok.eos_token_id)
-    beams = cfg.eval.beams
-    if beams > trie.num_sids:
-        raise RecError(f"config: 'eval.beams' ({beams}) is more than the {trie.num_sids} distinct SIDs of the catalogue")
 
     prompts = [eval_prompt(r.history_sids, r.item_sid, style=cfg.eval.prompt) for r in rows]
     token_lists = [encode(tok, p.header) + encode(tok, p.body) for p in prompts]
@@ -213,21 +235,13 @@ def run_eval(cfg) -> dict:
         {"input": p.header + p.body, "output": r.item_sid + "\n", "predict": pred}
         for p, r, pred in zip(prompts, rows, predictions, strict=True)
     ]
-    metrics = compute_metrics(records, known)
+    metrics = compute_metrics(records, known, topk=cfg.eval.topk)
     figures = summary_figures(metrics, samples_per_s)
     if is_primary():
         run_dir = cfg.run.dir
         summary_path = storage.join(run_dir, SUMMARY_FILE)
-        existing = {}
-        if storage.exists(summary_path):
-            try:
-                existing = json.loads(storage.read_text(summary_path))
-            except json.JSONDecodeError as exc:
-                raise RecError(f"{summary_path}:{exc.lineno}: not valid JSON ({exc.msg}); fix or remove it") from None
-            if not isinstance(existing, dict):
-                raise RecError(f"{summary_path}: expected a JSON object")
         storage.write_text(storage.join(run_dir, PREDICTIONS_FILE), json.dumps(records, indent=1, ensure_ascii=False) + "\n")
-        storage.write_text(summary_path, json.dumps(merge_summary(existing, figures), indent=2, sort_keys=True) + "\n")
+        storage.write_text(summary_path, json.dumps(merge_summary(existing_summary, figures), indent=2, sort_keys=True) + "\n")
         _print_figures(figures, run_dir)
     return figures
 

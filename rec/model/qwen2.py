@@ -461,7 +461,9 @@ def forward(
     expected_mask = (B, T) if cache is None else (B, cache["k"].shape[2])
     if mask.shape != expected_mask:
         # A [B,1] decode mask would silently broadcast over every cache slot.
-        raise ValueError(f"mask has shape {mask.shape}, expected {expected_mask} ([B,T] without a cache, [B,S] with)")
+        raise ValueError(
+            f"mask has shape {mask.shape}, expected {expected_mask} ([B,T] without a cache, [B,S] with)"
+        )
     if cache is None:
         causal = jnp.tril(jnp.ones((T, T), bool))
         allowed = causal[None] & mask[:, None, :]  # [B,T,T]

@@ -209,7 +209,9 @@ def choose_step(run: _Prefix, tag: str) -> int:
     steps = sorted(int(n) for n in names if re.fullmatch(r"[0-9]+", n))
     if not steps:
         have = ", ".join(run.subdirs("checkpoints")) or "none"
-        raise RecError(f"{run.full('checkpoints/' + tag)}: no finalised checkpoint step (tags present: {have})")
+        raise RecError(
+            f"{run.full('checkpoints/' + tag)}: no finalised checkpoint step (tags present: {have})"
+        )
     committed = [s for s in steps if run.info(f"checkpoints/{tag}/{s}/{COMMIT_MARKER}") is not None]
     return (committed or steps)[-1]
 
@@ -248,7 +250,9 @@ def manifest_bytes(run_prefix: str, tag: str, step: int, objects: dict[str, Obje
     return (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode("utf-8")
 
 
-def publish(run_prefix: str, handoff_prefix: str, tag: str, step: int | None = None, progress: bool = True) -> dict:
+def publish(
+    run_prefix: str, handoff_prefix: str, tag: str, step: int | None = None, progress: bool = True
+) -> dict:
     """Copy a run's checkpoint tag and artifacts to `handoff_prefix`, then write MANIFEST.json.
     Returns {"checkpoint", "objects", "copied", "already_present"}."""
     from tqdm import tqdm  # noqa: PLC0415
@@ -257,11 +261,15 @@ def publish(run_prefix: str, handoff_prefix: str, tag: str, step: int | None = N
         raise RecError(f"--tag {tag!r}: not a checkpoint tag (e.g. rl_last)")
     run, dest = _Prefix(run_prefix), _Prefix(handoff_prefix)
     if run.url == dest.url or dest.url.startswith(run.url + "/"):
-        raise RecError(f"{handoff_prefix}: the handoff prefix must lie outside the run directory {run_prefix}")
+        raise RecError(
+            f"{handoff_prefix}: the handoff prefix must lie outside the run directory {run_prefix}"
+        )
     step = choose_step(run, tag) if step is None else step
     objects = _source_objects(run, tag, step)
     copied = present = 0
-    bar = tqdm(objects.values(), desc=f"publish {tag}/{step}", unit="obj", file=sys.stderr, disable=not progress)
+    bar = tqdm(
+        objects.values(), desc=f"publish {tag}/{step}", unit="obj", file=sys.stderr, disable=not progress
+    )
     for src in bar:
         # Look first (a re-run skips what is there), then write with the no-clobber precondition,
         # which still guards against a concurrent writer between the look and the write.
@@ -270,18 +278,28 @@ def publish(run_prefix: str, handoff_prefix: str, tag: str, step: int | None = N
         if got is None or (got.size, got.crc32c) != (src.size, src.crc32c):
             found = "missing" if got is None else f"size {got.size}, crc32c {got.crc32c}"
             if written:
-                raise RecError(f"{dest.full(src.path)}: copy does not match its source ({found} vs size {src.size}, "
-                               f"crc32c {src.crc32c}); re-run publish")
-            raise RecError(f"{dest.full(src.path)}: already exists with different content ({found}; source has size "
-                           f"{src.size}, crc32c {src.crc32c}); refusing to overwrite: publish to a new prefix")
+                raise RecError(
+                    f"{dest.full(src.path)}: copy does not match its source ({found} vs size {src.size}, "
+                    f"crc32c {src.crc32c}); re-run publish"
+                )
+            raise RecError(
+                f"{dest.full(src.path)}: already exists with different content ({found}; source has size "
+                f"{src.size}, crc32c {src.crc32c}); refusing to overwrite: publish to a new prefix"
+            )
         copied += written
         present += not written
     body = manifest_bytes(run_prefix, tag, step, objects)
     if not dest.put_bytes_no_clobber(MANIFEST, body) and dest.read(MANIFEST) != body:
-        raise RecError(f"{dest.full(MANIFEST)}: already exists and describes a different publication; "
-                       "refusing to overwrite: publish to a new prefix")
-    return {"checkpoint": dest.full(f"checkpoints/{tag}/{step}"), "objects": len(objects),
-            "copied": copied, "already_present": present}
+        raise RecError(
+            f"{dest.full(MANIFEST)}: already exists and describes a different publication; "
+            "refusing to overwrite: publish to a new prefix"
+        )
+    return {
+        "checkpoint": dest.full(f"checkpoints/{tag}/{step}"),
+        "objects": len(objects),
+        "copied": copied,
+        "already_present": present,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,8 +311,10 @@ def read_manifest(handoff_prefix: str) -> dict:
     where = dest.full(MANIFEST)
     data = dest.read(MANIFEST)
     if data is None:
-        raise RecError(f"{where}: missing: {handoff_prefix} is not a published handoff (or its upload did not "
-                       "finish); run `rec handoff publish` (make upload)")
+        raise RecError(
+            f"{where}: missing: {handoff_prefix} is not a published handoff (or its upload did not "
+            "finish); run `rec handoff publish` (make upload)"
+        )
     try:
         doc = json.loads(data)
     except ValueError as exc:
@@ -303,12 +323,22 @@ def read_manifest(handoff_prefix: str) -> dict:
         raise RecError(f"{where}: unknown format (expected format {FORMAT})")
     objects = doc.get("objects")
     checkpoint = doc.get("checkpoint")
-    if not isinstance(objects, list) or not isinstance(checkpoint, str) or not checkpoint.startswith("checkpoints/"):
+    if (
+        not isinstance(objects, list)
+        or not isinstance(checkpoint, str)
+        or not checkpoint.startswith("checkpoints/")
+    ):
         raise RecError(f"{where}: missing 'objects' list or 'checkpoint' path")
     for i, entry in enumerate(objects):
-        if (not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not isinstance(entry.get("size"), int)
-                or not isinstance(entry.get("crc32c"), str) or entry["path"] == MANIFEST
-                or entry["path"].startswith("/") or ".." in entry["path"].split("/")):
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("path"), str)
+            or not isinstance(entry.get("size"), int)
+            or not isinstance(entry.get("crc32c"), str)
+            or entry["path"] == MANIFEST
+            or entry["path"].startswith("/")
+            or ".." in entry["path"].split("/")
+        ):
             raise RecError(f"{where}: objects[{i}] is not a {{path, size, crc32c}} entry inside the prefix")
     if not any(e["path"].startswith(checkpoint + "/") for e in objects):
         raise RecError(f"{where}: lists no object under its checkpoint {checkpoint}")
@@ -332,7 +362,9 @@ def verify(handoff_prefix: str) -> str:
         elif got.size != entry["size"]:
             problems.append(f"{dest.full(rel)}: size {got.size} != {entry['size']} in {MANIFEST}")
         elif got.crc32c != entry["crc32c"]:
-            problems.append(f"{dest.full(rel)}: crc32c {got.crc32c} != {entry['crc32c']} in {MANIFEST} (changed after publishing)")
+            problems.append(
+                f"{dest.full(rel)}: crc32c {got.crc32c} != {entry['crc32c']} in {MANIFEST} (changed after publishing)"
+            )
     for rel in sorted(set(actual) - listed):
         problems.append(f"{dest.full(rel)}: not listed in {MANIFEST} (added after publishing)")
     if problems:
@@ -342,4 +374,8 @@ def verify(handoff_prefix: str) -> str:
 
 
 def manifest_path(handoff_prefix: str) -> str:
-    return posixpath.join(handoff_prefix.rstrip("/"), MANIFEST) if storage.is_gcs(handoff_prefix) else os.path.join(handoff_prefix, MANIFEST)
+    return (
+        posixpath.join(handoff_prefix.rstrip("/"), MANIFEST)
+        if storage.is_gcs(handoff_prefix)
+        else os.path.join(handoff_prefix, MANIFEST)
+    )

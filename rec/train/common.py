@@ -35,7 +35,9 @@ DEFAULT_TAGS = {"sft": "sft_last", "rl": "sft_best", "eval": "sft_best", "grpo":
 
 
 def is_run_dir(path: str) -> bool:
-    return storage.exists(storage.join(path, "checkpoints")) or storage.exists(storage.join(path, "config.yaml"))
+    return storage.exists(storage.join(path, "checkpoints")) or storage.exists(
+        storage.join(path, "config.yaml")
+    )
 
 
 def resolve_checkpoint_tag(run_dir: str, requested: str, stage: str) -> str:
@@ -60,7 +62,9 @@ def _param_dtype(cfg: Config):
 def _random_params(shape, cfg: Config, mesh):
     from rec.model.qwen2 import PARTITION_RULES, init_params
 
-    init = functools.partial(init_params, shape, param_dtype=_param_dtype(cfg), vocab_multiple=cfg.model.vocab_multiple)
+    init = functools.partial(
+        init_params, shape, param_dtype=_param_dtype(cfg), vocab_multiple=cfg.model.vocab_multiple
+    )
     abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
     shardings = dist.param_shardings(abstract, mesh, PARTITION_RULES)
     # Initialise directly into the sharded layout: no full copy on one device.
@@ -79,20 +83,30 @@ def load_model_and_tokenizer(cfg: Config, catalogue=None, stage: str = "sft", me
         from rec.model.hf_io import load_hf
 
         tokenizer = load_tokenizer(cfg.model.tokenizer or path)
-        shape, params = load_hf(path, param_dtype=cfg.model.param_dtype, vocab_multiple=cfg.model.vocab_multiple,
-                                progress=cfg.run.progress and dist.is_primary())
+        shape, params = load_hf(
+            path,
+            param_dtype=cfg.model.param_dtype,
+            vocab_multiple=cfg.model.vocab_multiple,
+            progress=cfg.run.progress and dist.is_primary(),
+        )
         source = f"hf:{path}"
     elif path and is_run_dir(path):
         tag = resolve_checkpoint_tag(path, cfg.model.checkpoint, stage)
         tokenizer_dir = cfg.model.tokenizer or storage.join(path, "tokenizer")
         tokenizer = load_tokenizer(tokenizer_dir)
-        shape, params = checkpoint.load_params(path, tag, mesh=mesh, rules=PARTITION_RULES, dtype=cfg.model.param_dtype)
+        shape, params = checkpoint.load_params(
+            path, tag, mesh=mesh, rules=PARTITION_RULES, dtype=cfg.model.param_dtype
+        )
         source = f"run:{path}#{tag}"
     elif path:
-        raise RecError(f"model.path: {path} is neither a Hugging Face model directory (config.json) nor a run directory")
+        raise RecError(
+            f"model.path: {path} is neither a Hugging Face model directory (config.json) nor a run directory"
+        )
     else:
         if not cfg.model.tokenizer:
-            raise RecError("model.tokenizer: a tokenizer directory is needed when model.path is empty (random init)")
+            raise RecError(
+                "model.tokenizer: a tokenizer directory is needed when model.path is empty (random init)"
+            )
         tokenizer = load_tokenizer(cfg.model.tokenizer)
         shape, params = None, None
         source = f"random:{cfg.model.shape}"
@@ -108,7 +122,9 @@ def load_model_and_tokenizer(cfg: Config, catalogue=None, stage: str = "sft", me
         if len(tokenizer) > shape.vocab_size:
             shape, params = grow_vocab(params, shape, len(tokenizer), vocab_multiple=cfg.model.vocab_multiple)
         params = dist.shard_params(params, mesh, PARTITION_RULES)
-    log.info("model %s: vocab %d (%d SID tokens added), %s", source, shape.vocab_size, added, cfg.model.param_dtype)
+    log.info(
+        "model %s: vocab %d (%d SID tokens added), %s", source, shape.vocab_size, added, cfg.model.param_dtype
+    )
     return shape, params, tokenizer
 
 
@@ -134,7 +150,9 @@ def prepare_run_dir(cfg: Config, stage: str, extra: dict | None = None, tokenize
     if not dist.is_primary():
         return
     storage.makedirs(cfg.run.dir)
-    text = dump_yaml(cfg, dict(extra or {}, stage=stage, processes=jax.process_count(), devices=jax.device_count()))
+    text = dump_yaml(
+        cfg, dict(extra or {}, stage=stage, processes=jax.process_count(), devices=jax.device_count())
+    )
     storage.write_text(storage.join(cfg.run.dir, "config.yaml"), text)
     storage.write_text(storage.join(cfg.run.dir, f"config.{stage}.yaml"), text)
     if tokenizer is not None:

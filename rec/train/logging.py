@@ -104,7 +104,12 @@ class MetricsLogger:
                 from tqdm import tqdm
 
                 self._bar = tqdm(
-                    total=total_steps, initial=initial_step, desc=stage, file=sys.stderr, dynamic_ncols=True, leave=True
+                    total=total_steps,
+                    initial=initial_step,
+                    desc=stage,
+                    file=sys.stderr,
+                    dynamic_ncols=True,
+                    leave=True,
                 )
 
     # -- metrics.jsonl -------------------------------------------------------------------------
@@ -130,7 +135,11 @@ class MetricsLogger:
     def _flush(self, force: bool = False) -> None:
         if not self._pending:
             return
-        if storage.is_gcs(self.path) and not force and time.monotonic() - self._last_flush < GCS_FLUSH_SECONDS:
+        if (
+            storage.is_gcs(self.path)
+            and not force
+            and time.monotonic() - self._last_flush < GCS_FLUSH_SECONDS
+        ):
             return
         storage.append_text(self.path, "".join(self._pending))
         self._pending = []
@@ -148,9 +157,13 @@ class MetricsLogger:
             return
         from rec.config import to_dict
 
-        wandb_dir = self.run_dir if not storage.is_gcs(self.run_dir) else os.path.join(os.getcwd(), "wandb-runs")
+        wandb_dir = (
+            self.run_dir if not storage.is_gcs(self.run_dir) else os.path.join(os.getcwd(), "wandb-runs")
+        )
         os.makedirs(wandb_dir, exist_ok=True)
-        run_id = hashlib.sha1(f"{os.path.abspath(self.run_dir) if not storage.is_gcs(self.run_dir) else self.run_dir}:{self.stage}".encode()).hexdigest()[:16]
+        run_id = hashlib.sha1(
+            f"{os.path.abspath(self.run_dir) if not storage.is_gcs(self.run_dir) else self.run_dir}:{self.stage}".encode()
+        ).hexdigest()[:16]
         try:
             self._wandb = wandb.init(
                 project=cfg.run.wandb_project,
@@ -176,7 +189,14 @@ class MetricsLogger:
         self._pending.append(json.dumps(record) + "\n")
         self._flush()
         if self._wandb is not None:
-            self._wandb.log({f"{self.stage}/{k}": v for k, v in record.items() if k not in ("step", "stage") and v is not None}, step=int(step))
+            self._wandb.log(
+                {
+                    f"{self.stage}/{k}": v
+                    for k, v in record.items()
+                    if k not in ("step", "stage") and v is not None
+                },
+                step=int(step),
+            )
         if self._bar is not None and show:
             self._bar.n = int(step)
             postfix = {}

@@ -54,11 +54,27 @@ def split_micro_batches(batch: dict, num_micro: int) -> dict:
     return jax.tree.map(split, batch)
 
 
-def accumulate_gradients(loss_fn: LossFn, params: Any, batch: dict, extra: Any, num_micro: int, micro_sharding=None):
+def accumulate_gradients(
+    loss_fn: LossFn,
+    params: Any,
+    batch: dict,
+    extra: Any,
+    num_micro: int,
+    micro_sharding=None,
+    grad_shardings=None,
+):
     """Weighted mean of loss, aux and gradients over `num_micro` micro-batches (one lax.scan).
 
     Returns (loss, aux, grads) with grads in f32. aux["weight"] is the total weight.
+    `grad_shardings` (the params' shardings) pins the f32 accumulators to the parameter layout, so
+    sharding propagation can never leave a replicated full-size copy in the scan carry.
     """
+
+    def pin(tree):
+        if grad_shardings is None:
+            return tree
+        return jax.tree.map(jax.lax.with_sharding_constraint, tree, grad_shardings)
+
     micro = split_micro_batches(batch, num_micro)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -74,7 +90,7 @@ def accumulate_gradients(loss_fn: LossFn, params: Any, batch: dict, extra: Any, 
 
     # Trace once to learn the aux structure for the scan carry.
     _, aux_shape, _, _ = jax.eval_shape(one, jax.tree.map(lambda x: x[0], micro))
-    zeros_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    zeros_grads = pin(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
     zeros_aux = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), aux_shape)
     carry0 = (jnp.float32(0), zeros_aux, zeros_grads, jnp.float32(0))
 
@@ -82,7 +98,7 @@ def accumulate_gradients(loss_fn: LossFn, params: Any, batch: dict, extra: Any, 
         loss_sum, aux_sum, grad_sum, weight_sum = carry
         loss, aux, grads, weight = one(micro_batch)
         aux_sum = jax.tree.map(lambda s, a: s + weight * a.astype(jnp.float32), aux_sum, aux)
-        grad_sum = jax.tree.map(lambda s, g: s + weight * g.astype(jnp.float32), grad_sum, grads)
+        grad_sum = pin(jax.tree.map(lambda s, g: s + weight * g.astype(jnp.float32), grad_sum, grads))
         return (loss_sum + weight * loss, aux_sum, grad_sum, weight_sum + weight), None
 
     (loss_sum, aux_sum, grad_sum, weight_sum), _ = jax.lax.scan(body, carry0, micro)
@@ -102,13 +118,16 @@ def train_step(
     num_micro: int = 1,
     extra: Any = None,
     micro_sharding=None,
+    grad_shardings=None,
 ) -> tuple[TrainState, dict]:
     """One optimizer update on `batch` (pure; see `make_train_step` for the jitted form).
 
     Metrics: loss, grad_norm (before clipping), lr (used by this update), weight, and the aux
     values of `loss_fn`.
     """
-    loss, aux, grads = accumulate_gradients(loss_fn, state.params, batch, extra, num_micro, micro_sharding)
+    loss, aux, grads = accumulate_gradients(
+        loss_fn, state.params, batch, extra, num_micro, micro_sharding, grad_shardings
+    )
     grad_norm = optax.global_norm(grads)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
     updates, opt_state = optimizer.tx.update(grads, state.opt_state, state.params)
@@ -137,6 +156,7 @@ def make_train_step(
     checkpoint/restore symmetry); with `mesh` every micro-batch is constrained to the batch axes.
     The old state's buffers are donated (the caller must not reuse it).
     """
+    grad_shardings = getattr(state_shardings, "params", None)
     micro_sharding = None
     if mesh is not None:
         from rec.dist import batch_sharding
@@ -145,7 +165,7 @@ def make_train_step(
             return batch_sharding(mesh, ndim)
 
     def step(state, batch, extra):
-        return train_step(state, batch, loss_fn, optimizer, num_micro, extra, micro_sharding)
+        return train_step(state, batch, loss_fn, optimizer, num_micro, extra, micro_sharding, grad_shardings)
 
     out_shardings = None if state_shardings is None else (state_shardings, None)
     jitted = jax.jit(step, donate_argnums=(0,) if donate else (), out_shardings=out_shardings)
@@ -221,7 +241,9 @@ def chunked_token_logprobs(
     return jnp.moveaxis(out, 0, 1).reshape(batch, padded)[:, :length]
 
 
-def token_cross_entropy(hidden: jax.Array, labels: jax.Array, logits_fn, chunk: int = 128) -> tuple[jax.Array, dict]:
+def token_cross_entropy(
+    hidden: jax.Array, labels: jax.Array, logits_fn, chunk: int = 128
+) -> tuple[jax.Array, dict]:
     """SFT loss: mean negative log-likelihood over label tokens != -100 (labels unshifted, HF style).
 
     Returns (loss, {"weight": number of target tokens}) for use as a loss_fn result.

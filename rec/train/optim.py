@@ -70,7 +70,9 @@ def _decay_mask(params):
 def make_optimizer(train_cfg: TrainConfig, total_steps: int) -> Optimizer:
     """AdamW(b1, b2, eps, weight_decay) on the warmup+decay schedule, after global-norm clipping."""
     if total_steps <= 0:
-        raise RecError(f"training needs at least one optimizer step, got {total_steps} (check train.steps/epochs)")
+        raise RecError(
+            f"training needs at least one optimizer step, got {total_steps} (check train.steps/epochs)"
+        )
     warmup = warmup_steps_for(train_cfg, total_steps)
     peak = float(train_cfg.lr)
     kind, floor = train_cfg.schedule, float(train_cfg.min_lr_ratio)
@@ -78,7 +80,9 @@ def make_optimizer(train_cfg: TrainConfig, total_steps: int) -> Optimizer:
         raise RecError(f"config: 'train.min_lr_ratio' must be in [0, 1], got {floor}")
 
     def schedule(step):
-        return peak * lr_multiplier(step, total_steps=total_steps, warmup_steps=warmup, schedule=kind, min_lr_ratio=floor)
+        return peak * lr_multiplier(
+            step, total_steps=total_steps, warmup_steps=warmup, schedule=kind, min_lr_ratio=floor
+        )
 
     parts = []
     if train_cfg.grad_clip > 0:

@@ -49,7 +49,7 @@ def sid_hits(completions: list[list[str]], targets: list[str]) -> np.ndarray:
     if len(completions) != len(targets):
         raise ValueError(f"{len(completions)} completion groups for {len(targets)} targets")
     return np.array(
-        [[normalize_sid(c) == normalize_sid(t) for c in group] for group, t in zip(completions, targets)],
+        [[normalize_sid(c) == normalize_sid(t) for c in group] for group, t in zip(completions, targets, strict=True)],
         dtype=bool,
     ).reshape(len(targets), -1)
 
@@ -97,7 +97,7 @@ def recommendation_rewards(
     resolved = resolve_weights(names, list(weights or []), "rl.reward_weights")
     terms = {name: _REC_FUNCTIONS[name](hits) for name in names}
     total = np.zeros(hits.shape, dtype=np.float32)
-    for name, weight in zip(names, resolved):
+    for name, weight in zip(names, resolved, strict=True):
         total += weight * terms[name]
     return total, terms
 
@@ -133,10 +133,10 @@ def gsm8k_rewards(
         raise ValueError(f"{len(completions)} completions for {len(golds)} gold answers")
     resolved = resolve_weights(GSM8K_REWARD_TERMS, list(weights), "grpo.reward_weights")
     terms = {
-        "correctness": np.array([correctness_reward(c, g) for c, g in zip(completions, golds)], dtype=np.float32),
+        "correctness": np.array([correctness_reward(c, g) for c, g in zip(completions, golds, strict=True)], dtype=np.float32),
         "format": np.array([format_reward(c) for c in completions], dtype=np.float32),
     }
     total = np.zeros(len(completions), dtype=np.float32)
-    for name, weight in zip(GSM8K_REWARD_TERMS, resolved):
+    for name, weight in zip(GSM8K_REWARD_TERMS, resolved, strict=True):
         total += weight * terms[name]
     return total, terms

@@ -325,6 +325,64 @@ def build_train_batch(setup: _Setup, prompt_ids, prompt_mask, sid_ids, advantage
     }
 
 
+@dataclass
+class StepFunctions:
+    """The jitted pieces of one RL step (compiled once per prompt bucket)."""
+
+    train_step: object  # rec.train.loop step: (state, batch) -> (state, metrics)
+    score_fn: object  # (params, batch) -> completion log-probs [B, N]
+    mix: object  # (ref, params, alpha) -> ref
+
+
+def make_step_functions(setup: _Setup, optimizer, shardings, param_sh) -> StepFunctions:
+    from rec.train.loop import make_train_step
+
+    rl = setup.cfg.rl
+    num_micro = setup.cfg.train.batch_size // setup.micro_prompts
+    loss_fn = make_loss_fn(setup.shape, setup.compute_dtype, setup.cfg.model.remat, rl.beta,
+                           rl.updates_per_batch > 1, rl.clip_eps)
+    return StepFunctions(
+        train_step=make_train_step(loss_fn, optimizer, num_micro=num_micro, state_shardings=shardings, mesh=setup.mesh),
+        score_fn=make_score_fn(setup.shape, setup.compute_dtype, num_micro),
+        mix=jax.jit(mix_reference, static_argnums=2, out_shardings=param_sh),
+    )
+
+
+def rl_step(setup: _Setup, fns: StepFunctions, state, ref_params, step: int, prompt_ids, prompt_mask, targets):
+    """Rollouts, rewards, advantages, reference log-probs and `rl.updates_per_batch` optimizer
+    steps on one batch of left-padded prompts. Returns (state, ref_params, step, metrics)."""
+    from rec.dist import shard_batch
+
+    rl = setup.cfg.rl
+    clip = rl.updates_per_batch > 1
+    t0 = time.perf_counter()
+    sid_ids = rollout(setup, state.params, prompt_ids, prompt_mask, rl.generations)
+    completions = [["".join(setup.id_to_token[t] for t in beam if t >= 0) for beam in row] for row in sid_ids]
+    t_rollout = time.perf_counter() - t0
+
+    hits = sid_hits(completions, targets)
+    total, terms = recommendation_rewards(hits, rl.reward, rl.reward_weights)
+    advantages = compute_advantages(total, "grpo")
+    batch = shard_batch(build_train_batch(setup, prompt_ids, prompt_mask, sid_ids, advantages), setup.mesh)
+    batch["ref_logp"] = fns.score_fn(ref_params, batch)
+    batch["old_logp"] = fns.score_fn(state.params, batch) if clip else jnp.zeros_like(batch["ref_logp"])
+    t1 = time.perf_counter()
+    for _ in range(rl.updates_per_batch):
+        state, metrics = fns.train_step(state, batch)
+        step += 1
+        if rl.ref_sync_every and step % rl.ref_sync_every == 0:
+            ref_params = fns.mix(ref_params, state.params, float(rl.ref_sync_alpha))
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    t_update = time.perf_counter() - t1
+    return state, ref_params, step, {
+        **reward_metrics(total, terms, hits),
+        "loss": metrics["loss"], "kl": metrics["kl"], "clip_fraction": metrics["clip_fraction"],
+        "grad_norm": metrics["grad_norm"], "lr": metrics["lr"],
+        "categorical_diversity": categorical_diversity(completions),
+        "rollout_s": t_rollout, "update_s": t_update, "step_s": time.perf_counter() - t0,
+    }
+
+
 def validate(setup: _Setup, params) -> dict[str, float]:
     """HR@K / NDCG@K on the validation rows with `rl.eval_beams` constrained beams (eval prompts,
     bucketed like rec eval)."""
@@ -373,10 +431,9 @@ def _meta(setup: _Setup, step: int, best: float | None) -> dict:
 def run_rl(cfg) -> dict:
     """Run recommendation RL as configured; returns the figures merged into run_summary.json."""
     from rec import checkpoint
-    from rec.dist import init_distributed, is_primary, make_mesh, shard_batch
+    from rec.dist import init_distributed, is_primary, make_mesh
     from rec.train.common import prepare_run_dir
     from rec.train.logging import MetricsLogger, merge_run_summary
-    from rec.train.loop import make_train_step
     from rec.train.optim import make_optimizer
     from rec.train.state import abstract_state, init_state, state_shardings
 
@@ -385,10 +442,7 @@ def run_rl(cfg) -> dict:
     mesh = make_mesh(cfg.mesh.shape)
     setup, params = _prepare(cfg, mesh)
     rl = cfg.rl
-    group = rl.generations
     prompts_per_step = cfg.train.batch_size
-    num_micro = prompts_per_step // setup.micro_prompts
-    clip = rl.updates_per_batch > 1
 
     optimizer = make_optimizer(cfg.train, setup.total_steps)
     param_sh = jax.tree.map(lambda p: p.sharding, params)
@@ -414,12 +468,9 @@ def run_rl(cfg) -> dict:
     start_step = int(state.step)
     if is_primary():
         print(f"rl: {len(setup.prompt_ids)} prompts, {setup.total_steps} steps of {prompts_per_step} prompts x "
-              f"{group} beams, reward {rl.reward}, beta {rl.beta}", file=sys.stderr)
+              f"{rl.generations} beams, reward {rl.reward}, beta {rl.beta}", file=sys.stderr)
 
-    loss_fn = make_loss_fn(setup.shape, setup.compute_dtype, cfg.model.remat, rl.beta, clip, rl.clip_eps)
-    train_step = make_train_step(loss_fn, optimizer, num_micro=num_micro, state_shardings=shardings, mesh=mesh)
-    score_fn = make_score_fn(setup.shape, setup.compute_dtype, num_micro)
-    mix = jax.jit(mix_reference, static_argnums=2, out_shardings=param_sh)
+    fns = make_step_functions(setup, optimizer, shardings, param_sh)
 
     logger = MetricsLogger(cfg.run.dir, STAGE, cfg, total_steps=setup.total_steps, initial_step=start_step)
     eval_every = _eval_every(cfg, setup.total_steps)
@@ -430,38 +481,14 @@ def run_rl(cfg) -> dict:
     step = start_step
     try:
         while step < setup.total_steps:
-            t0 = time.perf_counter()
             indices = step_prompt_indices(step // rl.updates_per_batch, prompts_per_step, len(setup.prompt_ids),
                                           cfg.run.seed)
             token_lists = [setup.prompt_ids[i] for i in indices]
             length = bucket_length(max(len(t) for t in token_lists), buckets)
             prompt_ids, prompt_mask = left_pad_prompts(token_lists, length, setup.pad_id)
-            sid_ids = rollout(setup, state.params, prompt_ids, prompt_mask, group)
-            completions = [[("".join(setup.id_to_token[t] for t in beam if t >= 0)) for beam in row] for row in sid_ids]
-            t_rollout = time.perf_counter() - t0
-
-            hits = sid_hits(completions, [setup.targets[i] for i in indices])
-            total, terms = recommendation_rewards(hits, rl.reward, rl.reward_weights)
-            advantages = compute_advantages(total, "grpo")
-            batch = shard_batch(build_train_batch(setup, prompt_ids, prompt_mask, sid_ids, advantages), mesh)
-            batch["ref_logp"] = score_fn(ref_params, batch)
-            batch["old_logp"] = score_fn(state.params, batch) if clip else jnp.zeros_like(batch["ref_logp"])
-            t1 = time.perf_counter()
-            for _ in range(rl.updates_per_batch):
-                state, metrics = train_step(state, batch)
-                step += 1
-                if rl.ref_sync_every and step % rl.ref_sync_every == 0:
-                    ref_params = mix(ref_params, state.params, float(rl.ref_sync_alpha))
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            t_update = time.perf_counter() - t1
-
-            last_metrics = {
-                **reward_metrics(total, terms, hits),
-                "loss": metrics["loss"], "kl": metrics["kl"], "clip_fraction": metrics["clip_fraction"],
-                "grad_norm": metrics["grad_norm"], "lr": metrics["lr"],
-                "categorical_diversity": categorical_diversity(completions),
-                "rollout_s": t_rollout, "update_s": t_update, "step_s": time.perf_counter() - t0,
-            }
+            state, ref_params, step, last_metrics = rl_step(
+                setup, fns, state, ref_params, step, prompt_ids, prompt_mask, [setup.targets[i] for i in indices]
+            )
             do_eval = bool(setup.valid_rows) and (step % eval_every == 0 or step == setup.total_steps)
             if do_eval:
                 t2 = time.perf_counter()

@@ -65,7 +65,9 @@ def make_sft_loss(shape, compute_dtype: str = "bfloat16", remat: bool = True, ch
             return_hidden=True,
         )
         targets = shift_labels(batch["labels"])
-        logprobs = chunked_token_logprobs(hidden, targets, lambda h: logits_from_hidden(params, shape, h), chunk)
+        logprobs = chunked_token_logprobs(
+            hidden, targets, lambda h: logits_from_hidden(params, shape, h), chunk
+        )
         mask = (targets >= 0).astype(jnp.float32) * batch["weights"][:, None].astype(jnp.float32)
         count = mask.sum()
         loss = -(logprobs * mask).sum() / jnp.maximum(count, 1.0)
@@ -145,7 +147,9 @@ def _load_data(cfg: Config, tokenizer, catalogue):
         raise RecError(f"{cfg.data.dir}: split '{cfg.data.train_split}' has no rows (data.train_split)")
     category = cfg.data.category or category_phrase(cfg.data.dir)
     progress = cfg.run.progress and dist.is_primary()
-    train = build_sft_examples(tokenizer, catalogue, rows, cfg.data.tasks, category, cfg.run.seed, cfg.data.max_len, progress)
+    train = build_sft_examples(
+        tokenizer, catalogue, rows, cfg.data.tasks, category, cfg.run.seed, cfg.data.max_len, progress
+    )
     valid: list = []
     if cfg.data.valid_split:
         valid_rows = read_split(cfg.data.dir, cfg.data.valid_split, limit=cfg.train.eval_limit)
@@ -167,8 +171,11 @@ def _restore_or_init(cfg: Config, catalogue, mesh):
         shape = ModelShape.from_hf_config(meta["model_config"])
         tokenizer = load_tokenizer(storage.join(run_dir, "tokenizer"))
         saved = checkpoint.params_metadata(run_dir, "sft_last", step)
-        abstract_params = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), saved,
-                                       is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
+        abstract_params = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype),
+            saved,
+            is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"),
+        )
         return shape, tokenizer, abstract_params, (step, meta)
     shape, params, tokenizer = load_model_and_tokenizer(cfg, catalogue, STAGE, mesh)
     return shape, tokenizer, params, None
@@ -200,7 +207,12 @@ def _train(cfg: Config, crash_after: int | None = None) -> dict:
     if resumed is None:
         params = params_or_abstract
         state = init_state(params, optimizer.tx, cfg.run.seed, mesh)
-        progress_meta: dict[str, Any] = {"best_val_loss": None, "best_step": None, "bad_evals": 0, "finished": False}
+        progress_meta: dict[str, Any] = {
+            "best_val_loss": None,
+            "best_step": None,
+            "bad_evals": 0,
+            "finished": False,
+        }
     else:
         step, meta = resumed
         abstract_params = params_or_abstract
@@ -213,10 +225,16 @@ def _train(cfg: Config, crash_after: int | None = None) -> dict:
 
     pad_id = int(tokenizer.pad_token_id)
     prepare_run_dir(
-        cfg, STAGE,
-        {"model_config": shape.to_hf_config(cfg.model.param_dtype), "train_examples": len(train_examples),
-         "valid_examples": len(valid_examples), "batches_per_epoch": per_epoch, "total_steps": total,
-         "micro_batches": num_micro},
+        cfg,
+        STAGE,
+        {
+            "model_config": shape.to_hf_config(cfg.model.param_dtype),
+            "train_examples": len(train_examples),
+            "valid_examples": len(valid_examples),
+            "batches_per_epoch": per_epoch,
+            "total_steps": total,
+            "micro_batches": num_micro,
+        },
         tokenizer,
     )
 
@@ -235,7 +253,12 @@ def _train(cfg: Config, crash_after: int | None = None) -> dict:
         return {
             "stage": STAGE,
             "model_config": shape.to_hf_config(cfg.model.param_dtype),
-            "data_position": {"batches": consumed, "epoch": epoch, "batch_index": index, "batches_per_epoch": per_epoch},
+            "data_position": {
+                "batches": consumed,
+                "epoch": epoch,
+                "batch_index": index,
+                "batches_per_epoch": per_epoch,
+            },
             "rng": [int(x) for x in np.asarray(dist.process_allgather(state_now.rng)).ravel()],
             "early_stopping": dict(progress_meta),
             "metrics": metrics,
@@ -248,8 +271,14 @@ def _train(cfg: Config, crash_after: int | None = None) -> dict:
 
     last_metrics: dict = {}
     tokens_seen, started = 0, time.perf_counter()
-    stream = batch_stream(train_examples, cfg.train.batch_size, buckets, cfg.run.seed, pad_id,
-                          start=_position(int(state.data_position), per_epoch))
+    stream = batch_stream(
+        train_examples,
+        cfg.train.batch_size,
+        buckets,
+        cfg.run.seed,
+        pad_id,
+        start=_position(int(state.data_position), per_epoch),
+    )
     steps_this_run = 0
     step = start_step
     while step < total and not progress_meta["finished"]:
@@ -261,8 +290,11 @@ def _train(cfg: Config, crash_after: int | None = None) -> dict:
         dt = time.perf_counter() - t0
         real_tokens = int((batch["attention_mask"] * (batch["weights"][:, None] > 0)).sum())
         tokens_seen += real_tokens
-        metrics.update(tokens_per_s=real_tokens / max(dt, 1e-9), epoch=epoch + (index + 1) / per_epoch,
-                       target_tokens=metrics.pop("weight"))
+        metrics.update(
+            tokens_per_s=real_tokens / max(dt, 1e-9),
+            epoch=epoch + (index + 1) / per_epoch,
+            target_tokens=metrics.pop("weight"),
+        )
         last_metrics = metrics
         if step % max(cfg.train.log_every, 1) == 0 or step == total:
             logger.log(step, metrics)
@@ -278,11 +310,21 @@ def _train(cfg: Config, crash_after: int | None = None) -> dict:
             patience = cfg.train.early_stopping_patience
             if patience > 0 and progress_meta["bad_evals"] >= patience:
                 progress_meta["finished"] = True
-                log.info("early stopping at step %d (best %.5f at step %s)", step, progress_meta["best_val_loss"], progress_meta["best_step"])
+                log.info(
+                    "early stopping at step %d (best %.5f at step %s)",
+                    step,
+                    progress_meta["best_val_loss"],
+                    progress_meta["best_step"],
+                )
             logger.log(step, {"val_loss": val, "best_val_loss": progress_meta["best_val_loss"]}, show=True)
             if improved:
-                checkpoint.save(cfg.run.dir, "sft_best", {"params": state.params}, step,
-                                meta_for(state, dict(metrics, val_loss=val)))
+                checkpoint.save(
+                    cfg.run.dir,
+                    "sft_best",
+                    {"params": state.params},
+                    step,
+                    meta_for(state, dict(metrics, val_loss=val)),
+                )
             save_last(state, dict(metrics, val_loss=val))
         elif step % save_every == 0:
             save_last(state, metrics)
@@ -298,7 +340,9 @@ def _train(cfg: Config, crash_after: int | None = None) -> dict:
         save_last(state, last_metrics)
     if not valid_examples or checkpoint.latest_step(cfg.run.dir, "sft_best") is None:
         # No validation set: the final weights are the best we have.
-        checkpoint.save(cfg.run.dir, "sft_best", {"params": state.params}, step, meta_for(state, last_metrics))
+        checkpoint.save(
+            cfg.run.dir, "sft_best", {"params": state.params}, step, meta_for(state, last_metrics)
+        )
     logger.close()
 
     elapsed = time.perf_counter() - started

@@ -62,7 +62,9 @@ def create_state(params: Any, tx: optax.GradientTransformation, seed: int) -> Tr
     )
 
 
-def state_shardings(abstract_params: Any, param_shardings: Any, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+def state_shardings(
+    abstract_params: Any, param_shardings: Any, tx: optax.GradientTransformation, mesh: Mesh
+) -> TrainState:
     """NamedShardings for every leaf of the TrainState built from these params and `tx`."""
     replicated = NamedSharding(mesh, P())
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
@@ -82,7 +84,9 @@ def state_shardings(abstract_params: Any, param_shardings: Any, tx: optax.Gradie
     )
 
 
-def abstract_state(abstract_params: Any, param_shardings: Any, tx: optax.GradientTransformation, mesh: Mesh, seed: int = 0) -> TrainState:
+def abstract_state(
+    abstract_params: Any, param_shardings: Any, tx: optax.GradientTransformation, mesh: Mesh, seed: int = 0
+) -> TrainState:
     """ShapeDtypeStructs (with shardings) of the state: the restore target for rec.checkpoint."""
     shapes = jax.eval_shape(lambda p: create_state(p, tx, seed), abstract_params)
     shardings = state_shardings(abstract_params, param_shardings, tx, mesh)

@@ -98,8 +98,14 @@ def embedded_jobs(doc: dict) -> list[tuple[str, dict]]:
         job = {
             "apiVersion": "batch/v1",
             "kind": "Job",
-            "metadata": {"name": f"{doc.get('metadata', {}).get('name', 'jobset')}-{rj.get('name', 'job')}-0",
-                         **({"labels": template["metadata"]["labels"]} if template.get("metadata", {}).get("labels") else {})},
+            "metadata": {
+                "name": f"{doc.get('metadata', {}).get('name', 'jobset')}-{rj.get('name', 'job')}-0",
+                **(
+                    {"labels": template["metadata"]["labels"]}
+                    if template.get("metadata", {}).get("labels")
+                    else {}
+                ),
+            },
             "spec": template.get("spec") or {},
         }
         jobs.append((f"replicatedJobs[{rj.get('name')}].template", job))
@@ -154,18 +160,23 @@ def _containers(pod: dict) -> list[dict]:
 
 def _tpu_chips(container: dict) -> tuple[int | None, int | None]:
     res = container.get("resources") or {}
+
     def get(kind):
         value = (res.get(kind) or {}).get(TPU_RESOURCE)
         try:
             return None if value is None else int(value)
         except (TypeError, ValueError):
             return -1
+
     return get("limits"), get("requests")
 
 
 def _is_tpu(doc: dict) -> bool:
-    return any(_tpu_chips(c)[0] is not None or _tpu_chips(c)[1] is not None
-               for _, _, pod in _pod_templates(doc) for c in _containers(pod))
+    return any(
+        _tpu_chips(c)[0] is not None or _tpu_chips(c)[1] is not None
+        for _, _, pod in _pod_templates(doc)
+        for c in _containers(pod)
+    )
 
 
 def _component(doc: dict) -> str:
@@ -194,19 +205,27 @@ def rule_tpu_topology(doc: dict) -> list[str]:
             if limits is None and requests is None:
                 continue
             if requests is not None and limits is not None and requests != limits:
-                out.append(f"container {c.get('name')}: {TPU_RESOURCE} requests {requests} != limits {limits}")
+                out.append(
+                    f"container {c.get('name')}: {TPU_RESOURCE} requests {requests} != limits {limits}"
+                )
             chips = limits if limits is not None else requests
             if chips not in (1, 4, 8):
-                out.append(f"container {c.get('name')}: {TPU_RESOURCE} = {chips}; a v6e host has 1, 4 or 8 chips (request all of them)")
+                out.append(
+                    f"container {c.get('name')}: {TPU_RESOURCE} = {chips}; a v6e host has 1, 4 or 8 chips (request all of them)"
+                )
             hosts = spec.get("parallelism", 1)
             total = _topology_chips(topology) if topology else None
             if total is None:
                 out.append(f"nodeSelector {TOPOLOGY_LABEL} = {topology!r}: not a topology like 4x4")
             elif chips * hosts != total:
-                out.append(f"{hosts} host(s) x {chips} chips = {chips * hosts}, but topology {topology} has {total} chips")
+                out.append(
+                    f"{hosts} host(s) x {chips} chips = {chips * hosts}, but topology {topology} has {total} chips"
+                )
             if chips == 8 and selector.get(INSTANCE_LABEL) != "ct6e-standard-8t":
-                out.append(f"8 chips per host needs nodeSelector {INSTANCE_LABEL}: ct6e-standard-8t "
-                           "(a 2-VM ct6e-standard-4t pool is also labelled 2x4)")
+                out.append(
+                    f"8 chips per host needs nodeSelector {INSTANCE_LABEL}: ct6e-standard-8t "
+                    "(a 2-VM ct6e-standard-4t pool is also labelled 2x4)"
+                )
     return out
 
 
@@ -219,7 +238,9 @@ def rule_tpu_selectors(doc: dict) -> list[str]:
         spec = pod.get("spec") or {}
         selector = spec.get("nodeSelector") or {}
         if selector.get(ACCELERATOR_LABEL) != "tpu-v6e-slice":
-            out.append(f"nodeSelector {ACCELERATOR_LABEL} must be tpu-v6e-slice, got {selector.get(ACCELERATOR_LABEL)!r}")
+            out.append(
+                f"nodeSelector {ACCELERATOR_LABEL} must be tpu-v6e-slice, got {selector.get(ACCELERATOR_LABEL)!r}"
+            )
         if not selector.get(TOPOLOGY_LABEL):
             out.append(f"nodeSelector {TOPOLOGY_LABEL} is missing")
         tolerations = spec.get("tolerations") or []
@@ -235,13 +256,21 @@ def rule_slice_job(doc: dict) -> list[str]:
     out = []
     for rj, spec, pod in _pod_templates(doc):
         if spec.get("parallelism", 1) != spec.get("completions", 1):
-            out.append(f"replicatedJob {rj.get('name')}: parallelism {spec.get('parallelism')} != completions {spec.get('completions')}")
+            out.append(
+                f"replicatedJob {rj.get('name')}: parallelism {spec.get('parallelism')} != completions {spec.get('completions')}"
+            )
         if spec.get("completionMode", "Indexed") != "Indexed":
-            out.append(f"replicatedJob {rj.get('name')}: completionMode must be Indexed (TPU_WORKER_ID injection needs it)")
+            out.append(
+                f"replicatedJob {rj.get('name')}: completionMode must be Indexed (TPU_WORKER_ID injection needs it)"
+            )
         if spec.get("backoffLimit") != 0:
-            out.append(f"replicatedJob {rj.get('name')}: backoffLimit must be 0 (SPMD cannot continue with a host missing)")
+            out.append(
+                f"replicatedJob {rj.get('name')}: backoffLimit must be 0 (SPMD cannot continue with a host missing)"
+            )
         if (pod.get("spec") or {}).get("restartPolicy") != "Never":
-            out.append(f"replicatedJob {rj.get('name')}: restartPolicy must be Never (OnFailure hides failures from the JobSet)")
+            out.append(
+                f"replicatedJob {rj.get('name')}: restartPolicy must be Never (OnFailure hides failures from the JobSet)"
+            )
         if rj.get("replicas", 1) != 1:
             out.append(f"replicatedJob {rj.get('name')}: replicas must be 1 (one slice)")
     return out
@@ -253,7 +282,9 @@ def rule_host_network(doc: dict) -> list[str]:
     for _, _, pod in _pod_templates(doc):
         spec = pod.get("spec") or {}
         if spec.get("hostNetwork") and spec.get("dnsPolicy") != "ClusterFirstWithHostNet":
-            out.append(f"hostNetwork: true needs dnsPolicy: ClusterFirstWithHostNet, got {spec.get('dnsPolicy')!r}")
+            out.append(
+                f"hostNetwork: true needs dnsPolicy: ClusterFirstWithHostNet, got {spec.get('dnsPolicy')!r}"
+            )
     return out
 
 
@@ -267,7 +298,9 @@ def rule_exclusive_placement(doc: dict) -> list[str]:
         rj_annotations = ((rj.get("template") or {}).get("metadata") or {}).get("annotations") or {}
         value = annotations.get(EXCLUSIVE_ANNOTATION) or rj_annotations.get(EXCLUSIVE_ANNOTATION)
         if spec.get("parallelism", 1) > 1 and value != "cloud.google.com/gke-nodepool":
-            out.append(f"multi-host replicatedJob {rj.get('name')} needs annotation {EXCLUSIVE_ANNOTATION}: cloud.google.com/gke-nodepool")
+            out.append(
+                f"multi-host replicatedJob {rj.get('name')} needs annotation {EXCLUSIVE_ANNOTATION}: cloud.google.com/gke-nodepool"
+            )
     return out
 
 
@@ -290,8 +323,10 @@ def rule_names(doc: dict) -> list[str]:
         if len(job) > 63:
             out.append(f"generated Job name {job!r} has {len(job)} characters (> 63)")
         if len(pod) > 63:
-            out.append(f"generated pod name {pod!r} has {len(pod)} characters (> 63); shorten the JobSet name "
-                       f"to at most {63 - (len(pod) - len(name))} characters")
+            out.append(
+                f"generated pod name {pod!r} has {len(pod)} characters (> 63); shorten the JobSet name "
+                f"to at most {63 - (len(pod) - len(name))} characters"
+            )
     return out
 
 
@@ -311,14 +346,20 @@ def rule_env(doc: dict) -> list[str]:
             if wandb is not None:
                 ref = ((wandb.get("valueFrom") or {}).get("secretKeyRef")) or {}
                 if "value" in wandb:
-                    out.append(f"container {c.get('name')}: WANDB_API_KEY must come from a Secret, not a literal value")
+                    out.append(
+                        f"container {c.get('name')}: WANDB_API_KEY must come from a Secret, not a literal value"
+                    )
                 elif ref.get("optional") is not True:
-                    out.append(f"container {c.get('name')}: WANDB_API_KEY secretKeyRef must be optional: true")
+                    out.append(
+                        f"container {c.get('name')}: WANDB_API_KEY secretKeyRef must be optional: true"
+                    )
             if _component(doc) == "grpo":
                 for var in ROLLOUT_VARS:
                     value = (env.get(var) or {}).get("value")
                     if value not in ("0", "1"):
-                        out.append(f"container {c.get('name')}: GRPO needs env {var} = \"1\" (or \"0\"), got {value!r}")
+                        out.append(
+                            f'container {c.get("name")}: GRPO needs env {var} = "1" (or "0"), got {value!r}'
+                        )
     return out
 
 
@@ -334,15 +375,23 @@ def rule_gcsfuse(doc: dict) -> list[str]:
             continue
         if annotations.get("gke-gcsfuse/volumes") != "true":
             out.append('GCS FUSE volume without the pod template annotation gke-gcsfuse/volumes: "true"')
-        for key in ("gke-gcsfuse/cpu-limit", "gke-gcsfuse/memory-limit", "gke-gcsfuse/ephemeral-storage-limit"):
+        for key in (
+            "gke-gcsfuse/cpu-limit",
+            "gke-gcsfuse/memory-limit",
+            "gke-gcsfuse/ephemeral-storage-limit",
+        ):
             if annotations.get(key) != "0":
-                out.append(f'pod annotation {key} should be "0" (unlimited): an OOM-killed sidecar takes the mount down')
+                out.append(
+                    f'pod annotation {key} should be "0" (unlimited): an OOM-killed sidecar takes the mount down'
+                )
         for v in fuse:
             attrs = (v.get("csi") or {}).get("volumeAttributes") or {}
             if not attrs.get("bucketName"):
                 out.append(f"GCS FUSE volume {v.get('name')}: volumeAttributes.bucketName is missing")
             if spec.get("hostNetwork") and attrs.get("hostNetworkPodKSA") != "true":
-                out.append(f'GCS FUSE volume {v.get("name")} in a hostNetwork pod needs volumeAttributes.hostNetworkPodKSA: "true"')
+                out.append(
+                    f'GCS FUSE volume {v.get("name")} in a hostNetwork pod needs volumeAttributes.hostNetworkPodKSA: "true"'
+                )
     return out
 
 
@@ -358,7 +407,9 @@ def rule_failure_policy(doc: dict) -> list[str]:
     if _component(doc) in TRAINING_COMPONENTS:
         restarts = policy.get("maxRestarts")
         if not isinstance(restarts, int) or not 1 <= restarts <= MAX_RESTARTS_LIMIT:
-            out.append(f"failurePolicy.maxRestarts must be 1..{MAX_RESTARTS_LIMIT} for a training JobSet, got {restarts!r}")
+            out.append(
+                f"failurePolicy.maxRestarts must be 1..{MAX_RESTARTS_LIMIT} for a training JobSet, got {restarts!r}"
+            )
     return out
 
 
@@ -368,7 +419,9 @@ def rule_ttl(doc: dict) -> list[str]:
         return []
     ttl = (doc.get("spec") or {}).get("ttlSecondsAfterFinished")
     if not isinstance(ttl, int) or ttl < MIN_TTL_SECONDS:
-        return [f"spec.ttlSecondsAfterFinished must be >= {MIN_TTL_SECONDS} s (logs vanish with the pods), got {ttl!r}"]
+        return [
+            f"spec.ttlSecondsAfterFinished must be >= {MIN_TTL_SECONDS} s (logs vanish with the pods), got {ttl!r}"
+        ]
     return []
 
 
@@ -393,7 +446,9 @@ def rule_checkpoints_gcs(doc: dict) -> list[str]:
             if not run_dirs:
                 out.append(f"container {c.get('name')}: no run.dir=gs://... argument")
             elif not all(d.startswith("gs://") for d in run_dirs):
-                out.append(f"container {c.get('name')}: run.dir must be a gs:// prefix (every host writes checkpoints), got {run_dirs[0]!r}")
+                out.append(
+                    f"container {c.get('name')}: run.dir must be a gs:// prefix (every host writes checkpoints), got {run_dirs[0]!r}"
+                )
     return out
 
 
@@ -406,7 +461,11 @@ def rule_shm(doc: dict) -> list[str]:
         volumes = {v.get("name"): v for v in (pod.get("spec") or {}).get("volumes") or []}
         for c in _containers(pod):
             mounts = [m for m in c.get("volumeMounts") or [] if m.get("mountPath") == "/dev/shm"]
-            if not mounts or ((volumes.get(mounts[0].get("name")) or {}).get("emptyDir") or {}).get("medium") != "Memory":
+            if (
+                not mounts
+                or ((volumes.get(mounts[0].get("name")) or {}).get("emptyDir") or {}).get("medium")
+                != "Memory"
+            ):
                 out.append(f"container {c.get('name')}: mount an emptyDir with medium: Memory at /dev/shm")
     return out
 
@@ -435,12 +494,18 @@ def rule_verified_handoff(doc: dict) -> list[str]:
             verify = script.find('rec handoff verify "$REC_HANDOFF"')
             evaluate = script.find("rec eval")
             if not handoff.startswith("gs://"):
-                out.append(f"container {c.get('name')}: env REC_HANDOFF must be the gs:// handoff prefix, got {handoff!r}")
+                out.append(
+                    f"container {c.get('name')}: env REC_HANDOFF must be the gs:// handoff prefix, got {handoff!r}"
+                )
             if verify < 0 or evaluate < 0 or verify > evaluate or '"model.path=$REC_HANDOFF"' not in script:
-                out.append(f"container {c.get('name')}: must run `rec handoff verify \"$REC_HANDOFF\"` (failing on error) "
-                           "before `rec eval ... model.path=$REC_HANDOFF`")
+                out.append(
+                    f'container {c.get("name")}: must run `rec handoff verify "$REC_HANDOFF"` (failing on error) '
+                    "before `rec eval ... model.path=$REC_HANDOFF`"
+                )
             elif "&&" not in script[verify:evaluate] and "set -e" not in script[:verify]:
-                out.append(f"container {c.get('name')}: a failed `rec handoff verify` must stop the script (set -e or &&)")
+                out.append(
+                    f"container {c.get('name')}: a failed `rec handoff verify` must stop the script (set -e or &&)"
+                )
     return out
 
 
@@ -457,7 +522,9 @@ def rule_upload_job(doc: dict) -> list[str]:
         for c in _containers(pod):
             args = list(map(str, c.get("args") or []))
             if args[:3] != ["rec", "handoff", "publish"]:
-                out.append(f"container {c.get('name')}: args must start with rec handoff publish, got {args[:3]}")
+                out.append(
+                    f"container {c.get('name')}: args must start with rec handoff publish, got {args[:3]}"
+                )
     return out
 
 
@@ -517,7 +584,9 @@ def check_workflow(doc: dict, crd_path: pathlib.Path | None = CRD_PATH) -> tuple
         if resource.get("action") != "create":
             out.append(f"[workflow] template {task.get('template')!r}: action must be create")
         if not resource.get("successCondition") or not resource.get("failureCondition"):
-            out.append(f"[workflow] template {task.get('template')!r}: needs successCondition and failureCondition")
+            out.append(
+                f"[workflow] template {task.get('template')!r}: needs successCondition and failureCondition"
+            )
         try:
             manifest = yaml.safe_load(resource.get("manifest") or "")
         except yaml.YAMLError as exc:
@@ -527,7 +596,9 @@ def check_workflow(doc: dict, crd_path: pathlib.Path | None = CRD_PATH) -> tuple
             out.append(f"[workflow] template {task.get('template')!r}: manifest is not an object")
             continue
         if manifest.get("kind") == "JobSet" and "terminalState" not in resource.get("successCondition", ""):
-            out.append(f"[workflow] template {task.get('template')!r}: JobSet success must test status.terminalState")
+            out.append(
+                f"[workflow] template {task.get('template')!r}: JobSet success must test status.terminalState"
+            )
         manifests.append(manifest)
     return out, manifests
 
@@ -540,10 +611,14 @@ def check_application(doc: dict) -> list[str]:
     if automated.get("selfHeal"):
         out.append("[argocd] syncPolicy.automated.selfHeal would re-create a finished run deleted by its TTL")
     if automated.get("prune"):
-        out.append("[argocd] syncPolicy.automated.prune would delete finished runs (and their logs) when files change")
+        out.append(
+            "[argocd] syncPolicy.automated.prune would delete finished runs (and their logs) when files change"
+        )
     include = ((spec.get("source") or {}).get("directory") or {}).get("include", "")
     if "workflow" not in include:
-        out.append("[argocd] source.directory.include should select only */workflow.yaml (JobSets are immutable and run once)")
+        out.append(
+            "[argocd] source.directory.include should select only */workflow.yaml (JobSets are immutable and run once)"
+        )
     return out
 
 
@@ -559,7 +634,9 @@ def check_document(doc: dict, crd_path: pathlib.Path | None = CRD_PATH) -> list[
     problems: list[str] = []
     if kind == "JobSet":
         if doc.get("apiVersion") != "jobset.x-k8s.io/v1alpha2":
-            problems.append(f"[api-version] JobSet apiVersion must be jobset.x-k8s.io/v1alpha2, got {doc.get('apiVersion')!r}")
+            problems.append(
+                f"[api-version] JobSet apiVersion must be jobset.x-k8s.io/v1alpha2, got {doc.get('apiVersion')!r}"
+            )
         problems += check_crd_schema(doc, crd_path)
         problems += check_batch_job(doc)
         problems += check_gke_rules(doc)
@@ -570,7 +647,9 @@ def check_document(doc: dict, crd_path: pathlib.Path | None = CRD_PATH) -> list[
         wf_problems, manifests = check_workflow(doc, crd_path)
         problems += wf_problems
         for manifest in manifests:
-            problems += [f"embedded {object_label(manifest)}: {p}" for p in check_document(manifest, crd_path)]
+            problems += [
+                f"embedded {object_label(manifest)}: {p}" for p in check_document(manifest, crd_path)
+            ]
     elif kind == "Application":
         problems += check_application(doc)
     elif kind in ("Namespace", "ServiceAccount", "Role", "RoleBinding", "ConfigMap"):

@@ -80,21 +80,54 @@ class KubeClient:
     def create(self, doc: dict) -> dict:
         group, version, plural = _api_triplet(doc["kind"])
         ns, name = doc["metadata"]["namespace"], doc["metadata"]["name"]
-        return self._call(f"create {doc['kind']} {ns}/{name}", self.custom.create_namespaced_custom_object,
-                          group, version, ns, plural, doc)
+        return self._call(
+            f"create {doc['kind']} {ns}/{name}",
+            self.custom.create_namespaced_custom_object,
+            group,
+            version,
+            ns,
+            plural,
+            doc,
+        )
 
     def get(self, kind: str, namespace: str, name: str) -> dict | None:
 
         group, version, plural = _api_triplet(kind)
         try:
-            return self._call(f"get {kind} {namespace}/{name}", self.custom.get_namespaced_custom_object,
-                              group, version, namespace, plural, name, _not_found_ok=True)
+            return self._call(
+                f"get {kind} {namespace}/{name}",
+                self.custom.get_namespaced_custom_object,
+                group,
+                version,
+                namespace,
+                plural,
+                name,
+                _not_found_ok=True,
+            )
         except _NotFound:
             return None
 
+    def pod_log(self, namespace: str, pod: str, container: str, tail_lines: int) -> str:
+        resp = self._call(
+            f"read log of pod {namespace}/{pod}",
+            self.core.read_namespaced_pod_log,
+            pod,
+            namespace,
+            container=container,
+            tail_lines=tail_lines,
+            _preload_content=False,
+        )
+        data = resp.data if hasattr(resp, "data") else resp.read()
+        return data.decode("utf-8", errors="replace") if isinstance(data, bytes) else str(data)
+
     def pods(self, namespace: str, selector: str) -> list[dict]:
-        resp = self._call(f"list pods {selector}", self.core.list_namespaced_pod, namespace,
-                          label_selector=selector, _preload_content=False)
+        resp = self._call(
+            f"list pods {selector}",
+            self.core.list_namespaced_pod,
+            namespace,
+            label_selector=selector,
+            _preload_content=False,
+        )
         data = resp.data if hasattr(resp, "data") else resp.read()
         return json.loads(data or b"{}").get("items") or []
 
@@ -151,16 +184,23 @@ def state_of(kind: str, obj: dict | None) -> State:
         failed = _true_condition(obj, "Failed")
         completed = _true_condition(obj, "Completed")
         if terminal == "Failed" or (not terminal and failed):
-            return State("Failed", restarts, (failed or {}).get("message") or (failed or {}).get("reason") or "")
+            return State(
+                "Failed", restarts, (failed or {}).get("message") or (failed or {}).get("reason") or ""
+            )
         if terminal == "Completed" or completed:
             return State("Completed", restarts, (completed or {}).get("message", ""))
-        active = sum(int(r.get("active") or 0) + int(r.get("ready") or 0) for r in status.get("replicatedJobsStatus") or [])
+        active = sum(
+            int(r.get("active") or 0) + int(r.get("ready") or 0)
+            for r in status.get("replicatedJobsStatus") or []
+        )
         restarting = _true_condition(obj, "RestartingJobSet")
         message = "restarting" if restarting else ""
         return State("Running" if active else "Pending", restarts, message)
     failed = _true_condition(obj, "Failed")
     if failed:
-        return State("Failed", int(status.get("failed") or 0), failed.get("message") or failed.get("reason") or "")
+        return State(
+            "Failed", int(status.get("failed") or 0), failed.get("message") or failed.get("reason") or ""
+        )
     if _true_condition(obj, "Complete", "SuccessCriteriaMet"):
         return State("Completed", int(status.get("failed") or 0))
     return State("Running" if status.get("active") else "Pending", int(status.get("failed") or 0))
@@ -182,17 +222,32 @@ def pod_failures(pods: list[dict]) -> list[str]:
         name = (pod.get("metadata") or {}).get("name", "?")
         status = pod.get("status") or {}
         for cs in status.get("containerStatuses") or []:
-            term = ((cs.get("state") or {}).get("terminated")) or ((cs.get("lastState") or {}).get("terminated"))
+            term = ((cs.get("state") or {}).get("terminated")) or (
+                (cs.get("lastState") or {}).get("terminated")
+            )
             if term and int(term.get("exitCode") or 0) != 0:
                 detail = term.get("message") or ""
-                out.append(f"pod {name} container {cs.get('name')} exited {term.get('exitCode')} ({term.get('reason', '')})"
-                           + (f": {detail.strip().splitlines()[-1]}" if detail.strip() else ""))
+                out.append(
+                    f"pod {name} container {cs.get('name')} exited {term.get('exitCode')} ({term.get('reason', '')})"
+                    + (f": {detail.strip().splitlines()[-1]}" if detail.strip() else "")
+                )
             waiting = (cs.get("state") or {}).get("waiting") or {}
-            if waiting.get("reason") in ("ImagePullBackOff", "ErrImagePull", "CreateContainerConfigError", "CrashLoopBackOff"):
-                out.append(f"pod {name} container {cs.get('name')} {waiting['reason']}: {waiting.get('message', '')}")
+            if waiting.get("reason") in (
+                "ImagePullBackOff",
+                "ErrImagePull",
+                "CreateContainerConfigError",
+                "CrashLoopBackOff",
+            ):
+                out.append(
+                    f"pod {name} container {cs.get('name')} {waiting['reason']}: {waiting.get('message', '')}"
+                )
         if status.get("phase") == "Pending":
             for cond in status.get("conditions") or []:
-                if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and cond.get("message"):
+                if (
+                    cond.get("type") == "PodScheduled"
+                    and cond.get("status") == "False"
+                    and cond.get("message")
+                ):
                     out.append(f"pod {name} unschedulable: {cond['message']}")
     return out
 
@@ -203,11 +258,15 @@ def selector_for(step: Step) -> str:
 
 def logs_hint(step: Step, context: str = "", cluster: str = "", project: str = "") -> str:
     ctx = f" --context {context}" if context else ""
-    cmd = (f"kubectl logs{ctx} -n {step.namespace} -l {selector_for(step)} --all-containers --prefix "
-           f"--max-log-requests=8 --tail=200")
+    cmd = (
+        f"kubectl logs{ctx} -n {step.namespace} -l {selector_for(step)} --all-containers --prefix "
+        f"--max-log-requests=8 --tail=200"
+    )
     if cluster and project:
-        query = (f'resource.type="k8s_container" AND resource.labels.cluster_name="{cluster}" '
-                 f'AND resource.labels.namespace_name="{step.namespace}" AND resource.labels.pod_name:"{step.object_name}-"')
+        query = (
+            f'resource.type="k8s_container" AND resource.labels.cluster_name="{cluster}" '
+            f'AND resource.labels.namespace_name="{step.namespace}" AND resource.labels.pod_name:"{step.object_name}-"'
+        )
         cmd += f"; after the pods are gone: gcloud logging read '{query}' --project {project} --freshness=7d"
     return cmd
 
@@ -239,16 +298,29 @@ def _fmt_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
-def wait_for(client: KubeClient, step: Step, timeout: float, poll: float = 30.0, progress: bool = True,
-             clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
-             hint: str = "") -> State:
+def wait_for(
+    client: KubeClient,
+    step: Step,
+    timeout: float,
+    poll: float = 30.0,
+    progress: bool = True,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+    hint: str = "",
+) -> State:
     """Poll until the object is Completed or Failed; a timeout raises (the object keeps running)."""
     from tqdm import tqdm  # noqa: PLC0415
 
     label = f"{step.kind} {step.namespace}/{step.object_name}"
     start = clock()
-    bar = tqdm(total=None, desc=f"{step.name}: {label}", bar_format="{desc} [{elapsed}] {postfix}",
-               file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=None,
+        desc=f"{step.name}: {label}",
+        bar_format="{desc} [{elapsed}] {postfix}",
+        file=sys.stderr,
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     last = ""
     try:
         while True:
@@ -263,6 +335,9 @@ def wait_for(client: KubeClient, step: Step, timeout: float, poll: float = 30.0,
                 line += f"; restarts: {state.restarts}"
             if state.message:
                 line += f"; {state.message}"
+            trouble = pod_failures(pods)  # e.g. unschedulable (no TPU capacity), image pull errors
+            if trouble:
+                line += f"; {trouble[0]}"
             if line != last:
                 bar.set_postfix_str(line, refresh=True)
                 last = line
@@ -277,17 +352,28 @@ def wait_for(client: KubeClient, step: Step, timeout: float, poll: float = 30.0,
         bar.close()
 
 
-def run_steps(client: KubeClient | None, steps: list[Step], timeouts: dict[str, float], poll: float = 30.0,
-              dry_run: bool = False, progress: bool = True, out=print, log_hint: Callable[[Step], str] | None = None,
-              clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
+def run_steps(
+    client: KubeClient | None,
+    steps: list[Step],
+    timeouts: dict[str, float],
+    poll: float = 30.0,
+    dry_run: bool = False,
+    progress: bool = True,
+    out=print,
+    log_hint: Callable[[Step], str] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
     """Create each step's object (or find it), wait for it, and stop at the first failure."""
     total = len(steps)
     for i, step in enumerate(steps, 1):
         label = f"{step.kind} {step.namespace}/{step.object_name}"
         timeout = timeouts.get(step.name, timeouts.get("default", 48 * 3600))
         if dry_run:
-            out(f"[{i}/{total}] {step.name}: would create {label} from k8s/rendered/{step.file}, "
-                f"then wait up to {_fmt_duration(timeout)} for it to complete")
+            out(
+                f"[{i}/{total}] {step.name}: would create {label} from k8s/rendered/{step.file}, "
+                f"then wait up to {_fmt_duration(timeout)} for it to complete"
+            )
             continue
         assert client is not None
         hint = log_hint(step) if log_hint else logs_hint(step, client.context)
@@ -297,8 +383,15 @@ def run_steps(client: KubeClient | None, steps: list[Step], timeouts: dict[str, 
             out(f"[{i}/{total}] {step.name}: {label} already completed; skipping")
             continue
         if state.phase == "Failed":
-            _stop(step, label, state, client, hint, "it failed in an earlier attempt; delete it "
-                  f"(kubectl delete {step.kind.lower()} -n {step.namespace} {step.object_name}) or use a new RUN name")
+            _stop(
+                step,
+                label,
+                state,
+                client,
+                hint,
+                "it failed in an earlier attempt; delete it "
+                f"(kubectl delete {step.kind.lower()} -n {step.namespace} {step.object_name}) or use a new RUN name",
+            )
         if existing is None:
             client.create(step.doc)
             out(f"[{i}/{total}] {step.name}: created {label}")
@@ -307,7 +400,10 @@ def run_steps(client: KubeClient | None, steps: list[Step], timeouts: dict[str, 
         state = wait_for(client, step, timeout, poll, progress=progress, clock=clock, sleep=sleep, hint=hint)
         if state.phase == "Failed":
             _stop(step, label, state, client, hint, "")
-        out(f"[{i}/{total}] {step.name}: {label} completed" + (f" after {state.restarts} restart(s)" if state.restarts else ""))
+        out(
+            f"[{i}/{total}] {step.name}: {label} completed"
+            + (f" after {state.restarts} restart(s)" if state.restarts else "")
+        )
 
 
 def _stop(step: Step, label: str, state: State, client: KubeClient, hint: str, advice: str) -> None:
@@ -321,7 +417,8 @@ def _stop(step: Step, label: str, state: State, client: KubeClient, hint: str, a
         f"step '{step.name}' failed: {label} {state.phase} ({reason}){detail}"
         + (f"; restarts used: {state.restarts}" if state.restarts else "")
         + (f"; {advice}" if advice else "")
-        + "; later steps were not started; logs: " + hint
+        + "; later steps were not started; logs: "
+        + hint
     )
 
 
@@ -341,4 +438,20 @@ def status_lines(client: KubeClient, steps: list[Step]) -> list[str]:
             text += f"; {state.message}"
         lines.append(text)
         lines += [f"        {line}" for line in pod_failures(pods)]
+    return lines
+
+
+def log_lines(client: KubeClient, step: Step, tail: int = 100) -> list[str]:
+    """The last `tail` lines of each pod of a step, prefixed with the pod name (worker order)."""
+    pods = client.pods(step.namespace, selector_for(step))
+    if not pods:
+        return [
+            f"{step.kind} {step.namespace}/{step.object_name}: no pods (not started, or removed by the TTL; "
+            "older logs are in Cloud Logging)"
+        ]
+    lines = []
+    for pod in sorted(pods, key=lambda p: (p.get("metadata") or {}).get("name", "")):
+        name = (pod.get("metadata") or {}).get("name", "?")
+        for line in client.pod_log(step.namespace, name, "rec", tail).splitlines():
+            lines.append(f"[{name}] {line}")
     return lines

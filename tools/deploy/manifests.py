@@ -33,7 +33,13 @@ RENDERED_DIR = ROOT / "k8s" / "rendered"
 
 # Slice shapes (reference/gke-tpu.md 1.1): hosts = VMs = pods, chips per host, topology label.
 V6E_16 = {"hosts": 4, "chips": 4, "topology": "4x4", "instance_type": "", "host_network": True}
-V6E_8 = {"hosts": 1, "chips": 8, "topology": "2x4", "instance_type": "ct6e-standard-8t", "host_network": False}
+V6E_8 = {
+    "hosts": 1,
+    "chips": 8,
+    "topology": "2x4",
+    "instance_type": "ct6e-standard-8t",
+    "host_network": False,
+}
 
 DATA_MOUNT = "/data"
 # Read-only dataset mount: listing without placeholder objects, caches that never expire (the data
@@ -200,8 +206,18 @@ def _tpu_env(env: EnvValues, extra: dict | None = None) -> list[tuple[str, str]]
     return sorted(pairs.items())
 
 
-def _tpu_context(env: EnvValues, *, name: str, component: str, dataset: str, run: str, slice_shape: dict,
-                 args: list[str], extra_env: dict | None = None, sync_wave: int = 0) -> dict:
+def _tpu_context(
+    env: EnvValues,
+    *,
+    name: str,
+    component: str,
+    dataset: str,
+    run: str,
+    slice_shape: dict,
+    args: list[str],
+    extra_env: dict | None = None,
+    sync_wave: int = 0,
+) -> dict:
     return {
         "name": name,
         "namespace": env.namespace,
@@ -229,26 +245,72 @@ def plan_dataset(env: EnvValues, ds: DatasetValues, run: str) -> tuple[list[Rend
     paths = dataset_paths(env, ds, run)
     data_dir = f"{DATA_MOUNT}/{ds.data_dir}"
     base_model = f"{DATA_MOUNT}/{ds.base_model}"
-    sft = render_template("tpu-jobset.yaml.j2", _tpu_context(
-        env, name=f"sft-{ds.name}-{run}", component="sft", dataset=ds.name, run=run, slice_shape=V6E_16,
-        args=["rec", "sft", "--config", ds.sft_config, f"run.dir={paths.sft}", f"model.path={base_model}",
-              f"data.dir={data_dir}"],
-        sync_wave=0))
-    rl = render_template("tpu-jobset.yaml.j2", _tpu_context(
-        env, name=f"rl-{ds.name}-{run}", component="rl", dataset=ds.name, run=run, slice_shape=V6E_16,
-        args=["rec", "rl", "--config", ds.rl_config, f"run.dir={paths.rl}", f"model.path={paths.sft}",
-              "model.checkpoint=sft_best", f"data.dir={data_dir}"],
-        sync_wave=1))
-    upload = render_template("upload-job.yaml.j2", {
-        "name": f"upload-{ds.name}-{run}",
-        "namespace": env.namespace,
-        "labels": _labels("upload", ds.name, run),
-        "sync_wave": "2",
-        "image": env.image,
-        "args": ["rec", "handoff", "publish", "--run", paths.rl, "--to", paths.handoff, "--tag", ds.handoff_tag],
-        "service_account": env.service_account,
-        "ttl": env.ttl_seconds_after_finished,
-    })
+    sft = render_template(
+        "tpu-jobset.yaml.j2",
+        _tpu_context(
+            env,
+            name=f"sft-{ds.name}-{run}",
+            component="sft",
+            dataset=ds.name,
+            run=run,
+            slice_shape=V6E_16,
+            args=[
+                "rec",
+                "sft",
+                "--config",
+                ds.sft_config,
+                f"run.dir={paths.sft}",
+                f"model.path={base_model}",
+                f"data.dir={data_dir}",
+            ],
+            sync_wave=0,
+        ),
+    )
+    rl = render_template(
+        "tpu-jobset.yaml.j2",
+        _tpu_context(
+            env,
+            name=f"rl-{ds.name}-{run}",
+            component="rl",
+            dataset=ds.name,
+            run=run,
+            slice_shape=V6E_16,
+            args=[
+                "rec",
+                "rl",
+                "--config",
+                ds.rl_config,
+                f"run.dir={paths.rl}",
+                f"model.path={paths.sft}",
+                "model.checkpoint=sft_best",
+                f"data.dir={data_dir}",
+            ],
+            sync_wave=1,
+        ),
+    )
+    upload = render_template(
+        "upload-job.yaml.j2",
+        {
+            "name": f"upload-{ds.name}-{run}",
+            "namespace": env.namespace,
+            "labels": _labels("upload", ds.name, run),
+            "sync_wave": "2",
+            "image": env.image,
+            "args": [
+                "rec",
+                "handoff",
+                "publish",
+                "--run",
+                paths.rl,
+                "--to",
+                paths.handoff,
+                "--tag",
+                ds.handoff_tag,
+            ],
+            "service_account": env.service_account,
+            "ttl": env.ttl_seconds_after_finished,
+        },
+    )
     # The eval pod verifies the handoff's MANIFEST.json before loading anything from it. The shell
     # line is constant text; the values reach it only as environment variables.
     eval_script = (
@@ -257,30 +319,52 @@ def plan_dataset(env: EnvValues, ds: DatasetValues, run: str) -> tuple[list[Rend
         'exec rec eval --config "$REC_CONFIG" "run.dir=$REC_RUN_DIR" "model.path=$REC_HANDOFF" \\\n'
         '  "model.checkpoint=$REC_TAG" "data.dir=$REC_DATA_DIR" "data.split=$REC_SPLIT"\n'
     )
-    evaluation = render_template("tpu-jobset.yaml.j2", _tpu_context(
-        env, name=f"eval-{ds.name}-{run}", component="eval", dataset=ds.name, run=run, slice_shape=V6E_8,
-        args=["bash", "-c", eval_script],
-        extra_env={"REC_HANDOFF": paths.handoff, "REC_CONFIG": ds.eval_config, "REC_RUN_DIR": paths.eval,
-                   "REC_TAG": ds.handoff_tag, "REC_DATA_DIR": data_dir, "REC_SPLIT": ds.eval_split},
-        sync_wave=3))
+    evaluation = render_template(
+        "tpu-jobset.yaml.j2",
+        _tpu_context(
+            env,
+            name=f"eval-{ds.name}-{run}",
+            component="eval",
+            dataset=ds.name,
+            run=run,
+            slice_shape=V6E_8,
+            args=["bash", "-c", eval_script],
+            extra_env={
+                "REC_HANDOFF": paths.handoff,
+                "REC_CONFIG": ds.eval_config,
+                "REC_RUN_DIR": paths.eval,
+                "REC_TAG": ds.handoff_tag,
+                "REC_DATA_DIR": data_dir,
+                "REC_SPLIT": ds.eval_split,
+            },
+            sync_wave=3,
+        ),
+    )
     steps = [
         Step("sft", f"{ds.name}/train.yaml", sft[0]),
         Step("rl", f"{ds.name}/train.yaml", rl[0]),
         Step("upload", f"{ds.name}/upload.yaml", upload[0]),
         Step("eval", f"{ds.name}/eval.yaml", evaluation[0]),
     ]
-    workflow = render_template("workflow.yaml.j2", {
-        "name": f"rec-{ds.name}-{run}",
-        "namespace": env.namespace,
-        "labels": _labels("pipeline", ds.name, run),
-        "service_account": env.workflow_service_account,
-        "steps": [
-            {"name": s.name, "manifest": dump_yaml(s.doc), "kind": s.kind,
-             "depends": f"{steps[i - 1].name}.Succeeded" if i else ""}
-            for i, s in enumerate(steps)
-        ],
-        "upload_backoff_limit": upload[0]["spec"]["backoffLimit"],
-    })
+    workflow = render_template(
+        "workflow.yaml.j2",
+        {
+            "name": f"rec-{ds.name}-{run}",
+            "namespace": env.namespace,
+            "labels": _labels("pipeline", ds.name, run),
+            "service_account": env.workflow_service_account,
+            "steps": [
+                {
+                    "name": s.name,
+                    "manifest": dump_yaml(s.doc),
+                    "kind": s.kind,
+                    "depends": f"{steps[i - 1].name}.Succeeded" if i else "",
+                }
+                for i, s in enumerate(steps)
+            ],
+            "upload_backoff_limit": upload[0]["spec"]["backoffLimit"],
+        },
+    )
     files = [
         RenderedFile(f"{ds.name}/train.yaml", "tpu-jobset.yaml.j2", sft + rl),
         RenderedFile(f"{ds.name}/upload.yaml", "upload-job.yaml.j2", upload),
@@ -290,40 +374,66 @@ def plan_dataset(env: EnvValues, ds: DatasetValues, run: str) -> tuple[list[Rend
     return files, steps
 
 
-def plan_grpo(env: EnvValues, grpo: GrpoValues, run: str, environ: dict | None = None) -> tuple[list[RenderedFile], list[Step]]:
+def plan_grpo(
+    env: EnvValues, grpo: GrpoValues, run: str, environ: dict | None = None
+) -> tuple[list[RenderedFile], list[Step]]:
     environ = dict(os.environ if environ is None else environ)
     flags = {name: rollout_flag(name, environ) for name in ROLLOUT_VARS}
     run_dir = f"gs://{env.bucket}/runs/grpo-{grpo.name}/{run}"
-    docs = render_template("tpu-jobset.yaml.j2", _tpu_context(
-        env, name=f"grpo-{grpo.name}-{run}", component="grpo", dataset=f"grpo-{grpo.name}", run=run,
-        slice_shape=V6E_16,
-        args=["rec", "grpo", "--config", grpo.config, f"run.dir={run_dir}", f"model.path={DATA_MOUNT}/{grpo.base_model}",
-              f"data.dir={DATA_MOUNT}/{grpo.data_dir}"],
-        extra_env=flags, sync_wave=0))
+    docs = render_template(
+        "tpu-jobset.yaml.j2",
+        _tpu_context(
+            env,
+            name=f"grpo-{grpo.name}-{run}",
+            component="grpo",
+            dataset=f"grpo-{grpo.name}",
+            run=run,
+            slice_shape=V6E_16,
+            args=[
+                "rec",
+                "grpo",
+                "--config",
+                grpo.config,
+                f"run.dir={run_dir}",
+                f"model.path={DATA_MOUNT}/{grpo.base_model}",
+                f"data.dir={DATA_MOUNT}/{grpo.data_dir}",
+            ],
+            extra_env=flags,
+            sync_wave=0,
+        ),
+    )
     directory = f"grpo-{grpo.name}"
-    return [RenderedFile(f"{directory}/train.yaml", "tpu-jobset.yaml.j2", docs)], [Step("grpo", f"{directory}/train.yaml", docs[0])]
+    return [RenderedFile(f"{directory}/train.yaml", "tpu-jobset.yaml.j2", docs)], [
+        Step("grpo", f"{directory}/train.yaml", docs[0])
+    ]
 
 
 def plan_cluster(env: EnvValues) -> list[RenderedFile]:
-    docs = render_template("cluster-setup.yaml.j2", {
-        "namespace": env.namespace,
-        "service_account": env.service_account,
-        "workflow_service_account": env.workflow_service_account,
-    })
+    docs = render_template(
+        "cluster-setup.yaml.j2",
+        {
+            "namespace": env.namespace,
+            "service_account": env.service_account,
+            "workflow_service_account": env.workflow_service_account,
+        },
+    )
     return [RenderedFile("cluster/setup.yaml", "cluster-setup.yaml.j2", docs)]
 
 
 def plan_argocd(env: EnvValues) -> list[RenderedFile]:
-    docs = render_template("argocd-application.yaml.j2", {
-        "name": f"rec-{env.name}",
-        "argocd_namespace": env.argocd_namespace,
-        "namespace": env.namespace,
-        "repo_url": env.repo_url,
-        "target_revision": env.target_revision,
-        "path": "k8s/rendered",
-        # Only Workflows: each run is one immutable object that owns its JobSets (see the template).
-        "include": "*/workflow.yaml",
-    })
+    docs = render_template(
+        "argocd-application.yaml.j2",
+        {
+            "name": f"rec-{env.name}",
+            "argocd_namespace": env.argocd_namespace,
+            "namespace": env.namespace,
+            "repo_url": env.repo_url,
+            "target_revision": env.target_revision,
+            "path": "k8s/rendered",
+            # Only Workflows: each run is one immutable object that owns its JobSets (see the template).
+            "include": "*/workflow.yaml",
+        },
+    )
     return [RenderedFile("argocd/application.yaml", "argocd-application.yaml.j2", docs)]
 
 

@@ -70,7 +70,9 @@ def check_dns_label(value: Any, where: str, max_len: int = 63) -> str:
 def check_dns_subdomain(value: Any, where: str) -> str:
     if not isinstance(value, str) or not _DNS1123_SUBDOMAIN.match(value) or len(value) > 253:
         hint = _syntax_hint(value) if isinstance(value, str) else ""
-        raise RecError(f"{where} = {_describe(value)}: not a DNS-1123 name (lowercase letters, digits, '-', '.'){hint}")
+        raise RecError(
+            f"{where} = {_describe(value)}: not a DNS-1123 name (lowercase letters, digits, '-', '.'){hint}"
+        )
     return value
 
 
@@ -82,7 +84,9 @@ def check_bucket(value: Any, where: str) -> str:
     elif value.startswith("gs://"):
         problem = "give the bucket name without gs://"
     elif not _BUCKET_CHARS.match(value):
-        problem = "use lowercase letters, digits, '-', '_' and '.', starting and ending with a letter or digit"
+        problem = (
+            "use lowercase letters, digits, '-', '_' and '.', starting and ending with a letter or digit"
+        )
         problem += _syntax_hint(value)
     elif len(value) < 3 or (len(value) > 63 and "." not in value) or len(value) > 222:
         problem = "3-63 characters (up to 222 with dots, each dot-separated part at most 63)"
@@ -110,9 +114,13 @@ def check_image(value: Any, where: str) -> str:
             f"(registry/path:tag or registry/path@sha256:digest){hint}"
         )
     if not match.group("tag") and not match.group("digest"):
-        raise RecError(f"{where} = {_describe(value)}: give a tag or digest (an untagged image means :latest)")
+        raise RecError(
+            f"{where} = {_describe(value)}: give a tag or digest (an untagged image means :latest)"
+        )
     if match.group("tag") == "latest" and not match.group("digest"):
-        raise RecError(f"{where} = {_describe(value)}: ':latest' is not reproducible; use a version tag or digest")
+        raise RecError(
+            f"{where} = {_describe(value)}: ':latest' is not reproducible; use a version tag or digest"
+        )
     return value
 
 
@@ -129,7 +137,9 @@ def check_rel_path(value: Any, where: str) -> str:
 def check_config_path(value: Any, where: str) -> str:
     check_rel_path(value, where)
     if not value.startswith("configs/") or not value.endswith(".yaml"):
-        raise RecError(f"{where} = {_describe(value)}: expected configs/<stage>/<name>.yaml (a file in the image)")
+        raise RecError(
+            f"{where} = {_describe(value)}: expected configs/<stage>/<name>.yaml (a file in the image)"
+        )
     return value
 
 
@@ -158,9 +168,13 @@ def check_env_map(value: Any, where: str) -> dict[str, str]:
             raise RecError(f"{where}.{name} = {_describe(val)}: expected a string (quote numbers)")
         text = str(val)
         if any(ord(c) < 32 for c in text):
-            raise RecError(f"{where}.{name} = {_describe(val)}: control characters (line breaks) are not allowed")
+            raise RecError(
+                f"{where}.{name} = {_describe(val)}: control characters (line breaks) are not allowed"
+            )
         if "{{" in text:  # these values are also embedded in Argo Workflows, which expand {{...}}
-            raise RecError(f"{where}.{name} = {_describe(val)}: '{{{{' is Argo template syntax and is not allowed")
+            raise RecError(
+                f"{where}.{name} = {_describe(val)}: '{{{{' is Argo template syntax and is not allowed"
+            )
         out[name] = text
     return dict(sorted(out.items()))
 
@@ -185,7 +199,9 @@ def check_git_ref(value: Any, where: str) -> str:
 
 def check_location(value: Any, where: str) -> str:
     if not isinstance(value, str) or not _LOCATION.match(value):
-        raise RecError(f"{where} = {_describe(value)}: expected a GCP region or zone such as us-east5 or us-east5-b")
+        raise RecError(
+            f"{where} = {_describe(value)}: expected a GCP region or zone such as us-east5 or us-east5-b"
+        )
     return value
 
 
@@ -314,16 +330,17 @@ def _choice(value: Any, where: str, choices: tuple[str, ...]) -> str:
 def _read_mapping(path: pathlib.Path) -> dict:
     import yaml  # noqa: PLC0415 (deployment-only dependency)
 
+    where = _rel(path)
     if not path.is_file():
-        raise RecError(f"{path}: values file not found")
+        raise RecError(f"{where}: values file not found")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
-        raise RecError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        raise RecError(f"{where}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
     if not isinstance(data, dict):
-        raise RecError(f"{path}: expected a mapping of keys to values")
+        raise RecError(f"{where}: expected a mapping of keys to values")
     return data
 
 

@@ -1,0 +1,156 @@
+"""GSM8K GRPO: fast-path resolution, config errors, and end-to-end runs on CPU."""
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+import yaml
+
+from rec.config import load_config
+from rec.errors import RecError
+from rec.train import grpo as G
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TINY_GRPO = str(ROOT / "configs" / "tiny" / "grpo.yaml")
+ENV_VARS = (G.FAST_GENERATE_ENV, G.FAST_ATTENTION_ENV)
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for name in ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+@pytest.mark.parametrize(
+    "env, setting, expected",
+    [
+        ({}, "auto", True),  # on by default
+        ({}, "on", True),
+        ({}, "off", False),
+        ({"ROLLOUT_FAST_GENERATE": "0", "ROLLOUT_FAST_QWEN2_DECODE_ATTENTION": "0"}, "auto", False),
+        ({"ROLLOUT_FAST_GENERATE": "1", "ROLLOUT_FAST_QWEN2_DECODE_ATTENTION": "1"}, "off", True),  # env wins
+    ],
+)
+def test_fast_path_resolution(clean_env, env, setting, expected):
+    for name, value in env.items():
+        clean_env.setenv(name, value)
+    cfg = load_config(TINY_GRPO, [f"grpo.fast_generate={setting}", f"grpo.fast_decode_attention={setting}"])
+    assert G.resolve_fast_paths(cfg) == {
+        "rollout_fast_generate": expected, "rollout_fast_qwen2_decode_attention": expected,
+    }
+
+
+def test_fast_paths_resolve_independently(clean_env):
+    clean_env.setenv(G.FAST_ATTENTION_ENV, "0")
+    cfg = load_config(TINY_GRPO, [])
+    assert G.resolve_fast_paths(cfg) == {"rollout_fast_generate": True, "rollout_fast_qwen2_decode_attention": False}
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["grpo.generations=1"], "grpo.generations"),
+        (["grpo.reward_weights=[1.0]"], "grpo.reward_weights"),
+        (["grpo.synthetic=0", "data.dir="], "data.dir"),
+        (["grpo.updates_per_batch=0"], "grpo.updates_per_batch"),
+        (["grpo.temperature=-1"], "grpo.temperature"),
+    ],
+)
+def test_bad_grpo_config_is_one_line_error(overrides, message):
+    with pytest.raises(RecError, match=message):
+        G.run_grpo(load_config(TINY_GRPO, overrides))
+
+
+def test_missing_gsm8k_split_names_the_file(tmp_path):
+    cfg = load_config(TINY_GRPO, ["grpo.synthetic=0", f"data.dir={tmp_path}"])
+    with pytest.raises(RecError, match=r"train\.jsonl"):
+        G.load_problems(cfg)
+
+
+def test_prompt_width_and_decode_completions(synth_tokenizer_dir):
+    assert G.prompt_width([10, 33], 256) == 48
+    assert G.prompt_width([10, 300], 256) == 256
+    from rec.tokenizer import encode, load_tokenizer
+
+    tok = load_tokenizer(synth_tokenizer_dir)
+    ids = encode(tok, "so 2 + 3 = 5\n#### 5")
+    row = np.array([ids + [tok.eos_token_id, 0, 0]])
+    mask = np.array([[1] * (len(ids) + 1) + [0, 0]])
+    assert G.decode_completions(tok, row, mask) == ["so 2 + 3 = 5\n#### 5"]
+
+
+def test_synthetic_prompt_uses_plain_format_without_chat_template(synth_tokenizer_dir):
+    from rec.data.gsm8k import format_prompt
+    from rec.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(synth_tokenizer_dir)
+    assert not getattr(tok, "chat_template", None)
+    text = format_prompt(tok, "What is 2 + 3?")
+    assert text.endswith("Question: What is 2 + 3?\nAnswer:") and "####" in text
+
+
+def _recording_generate(monkeypatch):
+    """Wrap sampling.generate to record which paths each rollout used."""
+    from rec.decode import sampling
+
+    calls = []
+    real = sampling.generate
+
+    def recording(*args, **kwargs):
+        calls.append((kwargs["fast_generate"], kwargs["fast_attention"], kwargs["greedy"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sampling, "generate", recording)
+    return calls
+
+
+@pytest.mark.slow
+def test_grpo_runs_end_to_end_with_fast_paths_on_by_default(tmp_path, synth_tokenizer_dir, clean_env, capsys):
+    calls = _recording_generate(clean_env)
+    run_dir = tmp_path / "run"
+    figures = G.run_grpo(load_config(TINY_GRPO, [f"model.tokenizer={synth_tokenizer_dir}", f"run.dir={run_dir}",
+                                                 "run.progress=false", "train.steps=2", "grpo.beta=0.01"]))
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())["resolved"]
+    assert resolved["rollout_fast_generate"] is True and resolved["rollout_fast_qwen2_decode_attention"] is True
+    assert "ROLLOUT_FAST_GENERATE=on, ROLLOUT_FAST_QWEN2_DECODE_ATTENTION=on" in capsys.readouterr().err
+    assert calls and all(c[:2] == (True, True) for c in calls)
+    assert any(c[2] for c in calls) and any(not c[2] for c in calls)  # sampled rollouts and greedy eval
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    for key in ("reward", "rewards/correctness_mean", "rewards/format_mean", "completion_length", "loss", "kl",
+                "rollout_s", "update_s", "rollout_tokens_per_s"):
+        assert key in records[0], key
+    summary = json.loads((run_dir / "run_summary.json").read_text())
+    assert summary["eval/num_samples"] == 8 and 0.0 <= summary["eval/gsm8k_accuracy"] <= 1.0
+    assert figures["train/grpo_steps"] == 2
+    from rec import checkpoint
+
+    assert checkpoint.latest_step(str(run_dir), "grpo_last") == 2
+
+
+@pytest.mark.slow
+def test_grpo_env_zero_turns_fast_paths_off_and_run_uses_it(tmp_path, synth_tokenizer_dir, clean_env):
+    clean_env.setenv(G.FAST_GENERATE_ENV, "0")
+    clean_env.setenv(G.FAST_ATTENTION_ENV, "0")
+    calls = _recording_generate(clean_env)
+    run_dir = tmp_path / "run"
+    G.run_grpo(load_config(TINY_GRPO, [f"model.tokenizer={synth_tokenizer_dir}", f"run.dir={run_dir}",
+                                       "run.progress=false", "train.steps=1", "grpo.eval_limit=0",
+                                       "grpo.max_new_tokens=8", "grpo.estimator=rloo"]))
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())["resolved"]
+    assert resolved["rollout_fast_generate"] is False and resolved["rollout_fast_qwen2_decode_attention"] is False
+    assert calls and all(c[:2] == (False, False) for c in calls)
+
+
+@pytest.mark.slow
+def test_grpo_on_real_gsm8k(tmp_path, synth_tokenizer_dir, gsm8k_dir, clean_env):
+    run_dir = tmp_path / "run"
+    figures = G.run_grpo(load_config(TINY_GRPO, [
+        f"model.tokenizer={synth_tokenizer_dir}", f"run.dir={run_dir}", "run.progress=false", "grpo.synthetic=0",
+        f"data.dir={gsm8k_dir}", "data.limit=8", "train.steps=1", "grpo.eval_limit=4", "eval.batch_size=4",
+        "grpo.max_new_tokens=8",
+    ]))
+    assert figures["eval/num_samples"] == 4
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["resolved"]["num_problems"] == 8

@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 REC := $(VENV)/bin/rec
 DATASET ?= industrial
-ENV ?= dev
+K8S_ENV ?= dev
 RUN ?=
 export JAX_PLATFORMS ?= cpu
 
@@ -40,10 +40,10 @@ bench: $(VENV)/.ok ## eval benchmark on the tiny shape with the real Office vali
 	$(REC) bench eval --shape tiny --beams 50 --data ../shared/data/minionerec/Office_Products
 
 # ---- GKE TPU deployment (docs/DEPLOY.md) ------------------------------------------------------
-# ENV=<k8s/values/env/*.yaml> DATASET=industrial|office (|all for render/status) RUN=<run name>
+# K8S_ENV=<k8s/values/env/*.yaml> DATASET=industrial|office (|all for render/status) RUN=<run name>
 # TIMEOUT=<per step, e.g. 48h> DRY_RUN=1 (print the plan only) STEP=<sft|rl|upload|eval|grpo> TAIL=<lines>
 # (logs). A missing kube context is one line that says how to get one.
-DEPLOY_ARGS = --env $(ENV) $(if $(RUN),--run $(RUN))
+DEPLOY_ARGS = --env $(K8S_ENV) $(if $(RUN),--run $(RUN))
 CLUSTER_ARGS = $(if $(TIMEOUT),--timeout $(TIMEOUT)) $(if $(DRY_RUN),--dry-run)
 
 render: $(VENV)/.ok ## render k8s manifests for DATASET (or all) and GRPO into k8s/rendered/
@@ -74,9 +74,9 @@ logs: $(VENV)/.ok ## last log lines of each pod of STEP (default: DATASET's late
 	$(PY) tools/render.py logs $(DEPLOY_ARGS) --dataset $(DATASET) $(if $(STEP),--step $(STEP)) $(if $(TAIL),--tail $(TAIL))
 
 image: ## build the container image with docker or buildah (IMAGE=..., PUSH=1)
-	ENV=$(ENV) bash image/build.sh
+	K8S_ENV=$(K8S_ENV) bash image/build.sh
 
-clean: ## remove runs/ and rendered manifests
-	rm -rf runs k8s/rendered
+clean: ## remove runs/ (rendered manifests are committed: re-create them with make render)
+	rm -rf runs
 
 .PHONY: help venv demo test test-fast lint bench render validate train upload eval pipeline grpo status logs image clean

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Build the rec TPU image with docker or buildah, whichever works here (`make image`).
 #
-#   bash image/build.sh                      build, tagged with the env's `image` value (ENV=dev)
+#   bash image/build.sh                      build, tagged with the env's `image` value (K8S_ENV=dev)
 #   IMAGE=reg/path/rec:tag bash image/build.sh
 #   PUSH=1 bash image/build.sh               also push the tag
 #   bash image/build.sh --dry-run            print the build command, build nothing
 #   bash image/build.sh --context-only DIR   only assemble the build context in DIR
-# Variables: ENV (default dev), IMAGE, BASE_IMAGE, JAX_VERSION, PLATFORM (default linux/amd64:
+# Variables: K8S_ENV (default dev), IMAGE, BASE_IMAGE, JAX_VERSION, PLATFORM (default linux/amd64:
 # TPU VMs are x86_64), ENGINE (docker|buildah; default: the first that works), PYTHON.
 #
 # The build context is assembled in a temporary directory from exactly what the image needs,
@@ -14,7 +14,7 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-ENV="${ENV:-dev}"
+ENV="${K8S_ENV:-dev}"
 PLATFORM="${PLATFORM:-linux/amd64}"
 PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
 DRY_RUN=0

@@ -224,12 +224,12 @@ TORCH_VOCAB = 120
 SID_LEVELS = [(40, 46), (50, 62), (62, 72)]  # token id ranges of the SID levels in the tiny vocab
 
 
-def torch_trie_processor(torch, prompt_width, sids):
+def torch_trie_processor(torch, prompt_width, sids, newline_id=NL, eos_id=EOS):
     from transformers import LogitsProcessor
 
     allowed = {}
     for s in sids:
-        p = tuple(s) + (NL, EOS)
+        p = tuple(s) + (newline_id, eos_id)
         for i in range(len(p)):
             allowed.setdefault(p[:i], set()).add(p[i])
 
@@ -334,3 +334,53 @@ def test_fast_attention_close_and_no_recompile(tiny_model, plain_search):
     assert TRACE_COUNTS["constrained_beam_search"] == before  # reused the compiled program
     assert all(trie.contains(s) for s in np.asarray(other_sids).reshape(-1, 3).tolist())
     assert np.all(np.diff(np.asarray(other_scores), axis=1) <= 0) and np.isfinite(np.asarray(other_scores)).all()
+
+
+@pytest.mark.torch
+def test_upstream_eval_flow_with_sid_tokenizer(synth_dataset_dir, synth_tokenizer_dir, tiny_hf_dir_factory):
+    """The upstream evaluate.py flow end to end on a tiny model whose tokenizer holds the SID tokens:
+    eval prompts (header and body tokenized separately, left-padded with EOS), HF beam search with
+    the trie processor, outputs decoded with the tokenizer -> the same SID lists as ours."""
+    torch = pytest.importorskip("torch")
+    from transformers import GenerationConfig, Qwen2ForCausalLM
+
+    from rec.data.dataset import load_catalogue, read_split
+    from rec.data.prompts import eval_prompt
+    from rec.decode.trie import split_sid, trie_from_catalogue
+    from rec.model.hf_io import load_hf
+    from rec.tokenizer import encode, load_tokenizer
+
+    tok = load_tokenizer(synth_tokenizer_dir)
+    catalogue = load_catalogue(synth_dataset_dir)
+    trie = trie_from_catalogue(catalogue, tok)
+    model_dir = tiny_hf_dir_factory(vocab_size=len(tok), tied=True, seed=1)
+    shape, params = load_hf(str(model_dir), "float32", progress=False)
+    torch_model = Qwen2ForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+
+    rows = read_split(synth_dataset_dir, "test", limit=3)
+    prompts = [eval_prompt(r.history_sids, r.item_sid, style="eval") for r in rows]
+    token_lists = [encode(tok, p.header) + encode(tok, p.body) for p in prompts]
+    width = max(len(t) for t in token_lists)
+    ids = np.full((len(rows), width), tok.eos_token_id, np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
+    for i, t in enumerate(token_lists):
+        ids[i, width - len(t):], mask[i, width - len(t):] = t, 1
+    beams = 6
+    sid_ids, _ = constrained_beam_search(params, shape, ids, mask, trie, beams, compute_dtype=jnp.float32,
+                                         decode_attention="plain")
+    ours = decode_sids(tok, np.asarray(sid_ids))
+
+    sids = [tok.convert_tokens_to_ids(split_sid(s)) for s in catalogue.all_sids]
+    processor = torch_trie_processor(torch, width, sids, trie.newline_id, tok.eos_token_id)
+    config = GenerationConfig(num_beams=beams, num_return_sequences=beams, length_penalty=0.0, do_sample=False,
+                              max_new_tokens=trie.num_steps, early_stopping=False, pad_token_id=tok.eos_token_id,
+                              eos_token_id=tok.eos_token_id, bos_token_id=None)
+    with torch.no_grad():
+        out = torch_model.generate(input_ids=torch.tensor(ids, dtype=torch.long),
+                                   attention_mask=torch.tensor(mask, dtype=torch.long), generation_config=config,
+                                   logits_processor=[processor])
+    texts = tok.batch_decode(out[:, width:], skip_special_tokens=True)
+    theirs = [[t.strip() for t in texts[i * beams:(i + 1) * beams]] for i in range(len(rows))]
+    assert ours == theirs
+    known = set(catalogue.all_sids)
+    assert all(s in known for row in ours for s in row)

@@ -129,17 +129,25 @@ def test_rows_stop_at_eos(tiny):
     EOS id and temperature are traced)."""
     probe = run(tiny, temperature=0.0)[0]
     eos = int(probe[0, 0])
-    fast = run(tiny, temperature=0.0, eos_id=eos)
-    plain = run(tiny, temperature=0.0, eos_id=eos, fast_generate=False)
+    fast = run(tiny, temperature=0.0, eos_id=eos, return_steps=True)
+    plain = run(tiny, temperature=0.0, eos_id=eos, fast_generate=False, return_steps=True)
     for a, b in zip(fast, plain, strict=True):
         np.testing.assert_array_equal(a, b)
-    tokens, mask, lengths = fast
+    tokens, mask, lengths, steps = fast
+    assert steps == lengths.max()
     assert lengths[0] == 1 and tokens[0, 0] == eos and (tokens[0, 1:] == PAD).all()
     for row in range(4):
         first_eos = np.flatnonzero(probe[row] == eos)
         n = first_eos[0] + 1 if first_eos.size else probe.shape[1]
         assert lengths[row] == n
         np.testing.assert_array_equal(tokens[row, :n], probe[row, :n])
+    # Every row a copy of row 0: all are done after the first token, and both loops stop right there.
+    qwen2, shape, params, ids, mask = tiny
+    same = (qwen2, shape, params, np.repeat(ids[:1], 4, axis=0), np.repeat(mask[:1], 4, axis=0))
+    for fast_generate in (True, False):
+        tokens, _, lengths, steps = run(same, temperature=0.0, eos_id=eos, fast_generate=fast_generate,
+                                        return_steps=True)
+        assert steps == 1 and (lengths == 1).all() and (tokens[:, 1:] == PAD).all()
 
 
 def test_fast_attention_is_argmax_within_bf16_tolerance(tiny):

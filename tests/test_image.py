@@ -203,7 +203,7 @@ def test_build_context_holds_only_what_the_image_needs(tmp_path):
 
 
 def test_build_with_unknown_env_is_one_clear_line():
-    env = {**os.environ, "ENGINE": "docker", "PYTHON": sys.executable, "ENV": "nosuch"}
+    env = {**os.environ, "ENGINE": "docker", "PYTHON": sys.executable, "K8S_ENV": "nosuch"}
     env.pop("IMAGE", None)
     result = subprocess.run(
         ["bash", str(IMAGE / "build.sh"), "--dry-run"], capture_output=True, text=True, env=env

@@ -520,3 +520,23 @@ def test_out_of_range_padding_ids_do_not_poison_valid_rows():
         weird = jnp.where(mask, tokens, bad_id)
         got, _ = forward(params, shape, weird, pos, mask, compute_dtype=jnp.float32)
         np.testing.assert_allclose(np.asarray(got)[m], np.asarray(clean)[m], atol=1e-6)
+
+
+@pytest.mark.parametrize("attention", ["plain", "fast"])
+def test_decode_step_updates_cache_in_place(attention):
+    """The compiled decode step never copies the whole [L,B,S,Hkv,D] cache (it would double the
+    memory traffic of every generated token); only the new slots are written."""
+    shape = _tiny(True)
+    params = jax.eval_shape(lambda k: init_params(shape, k), jax.random.PRNGKey(0))
+    batch, slots = 3, 40
+    cache = jax.eval_shape(lambda: init_cache(shape, batch, slots, jnp.bfloat16))
+    tok = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
+    mask = jax.ShapeDtypeStruct((batch, slots), jnp.bool_)
+
+    def step(p, c, t, m, i):
+        return forward(p, shape, t, t, m, cache=c, cache_index=i, decode_attention=attention)
+
+    compiled = jax.jit(step, donate_argnums=1).lower(params, cache, tok, mask, jnp.int32(0)).compile()
+    full = "[2,3,40,2,16]"
+    copies = [line for line in compiled.as_text().splitlines() if full in line and " copy(" in line]
+    assert not copies, copies[:3]

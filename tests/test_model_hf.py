@@ -196,7 +196,7 @@ def test_load_errors_name_file_and_key(tmp_path, tiny_hf_dir_factory):
     tensors = load_file(str(missing / "model.safetensors"))
     del tensors["model.layers.1.mlp.up_proj.weight"]
     save_file(tensors, str(missing / "model.safetensors"))
-    with pytest.raises(RecError, match=r"missing tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"):
+    with pytest.raises(RecError, match=r"model\.safetensors: missing tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"):
         load_hf(str(missing), progress=False)
 
     bad_shape = _copy_dir(hf_dir, tmp_path / "bad_shape")

@@ -119,9 +119,9 @@ def _fast_impl(params, prompt_ids, prompt_mask, rng, temperature, top_p, eos_id,
         return _decode_step(params, state, prompt_len, rng, temperature, top_p, eos_id, pad_id,
                             prompt_width=prompt_ids.shape[1], decode_attention=decode_attention, **statics)
 
-    _, tokens, _, _, _ = jax.lax.while_loop(cond, body, state)
+    steps, tokens, _, _, _ = jax.lax.while_loop(cond, body, state)
     mask, lengths = completion_mask_from_tokens(tokens, eos_id)
-    return tokens, mask, lengths
+    return tokens, mask, lengths, steps
 
 
 _STATICS = ("shape", "max_new_tokens", "greedy", "compute_dtype")
@@ -150,11 +150,13 @@ _step_jit_by_donation = {
 
 def generate(params, shape, prompt_ids, prompt_mask, rng, *, temperature=1.0, top_p=1.0, max_new_tokens: int,
              eos_id: int, pad_id: int, greedy: bool = False, fast_generate: bool = True,
-             fast_attention: bool = True, compute_dtype=jnp.bfloat16):
+             fast_attention: bool = True, compute_dtype=jnp.bfloat16, return_steps: bool = False):
     """Sample up to `max_new_tokens` tokens after left-padded prompts [B, T].
 
     Returns (completion_ids [B, N], completion_mask [B, N], lengths [B]) with N = max_new_tokens;
-    see the module docstring for the two drivers (same results for the same rng).
+    see the module docstring for the two drivers (same results for the same rng). With
+    `return_steps`, also the number of token positions actually generated (int): the loop stops
+    once every row has emitted EOS, so this is max(lengths) unless the budget ran out.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -168,7 +170,9 @@ def generate(params, shape, prompt_ids, prompt_mask, rng, *, temperature=1.0, to
                    compute_dtype=jnp.dtype(compute_dtype))
     decode_attention = "fast" if fast_attention else "plain"
     if fast_generate:
-        return _fast_jit(params, prompt_ids, prompt_mask, rng, *knobs, decode_attention=decode_attention, **statics)
+        tokens, mask, lengths, steps = _fast_jit(params, prompt_ids, prompt_mask, rng, *knobs,
+                                                 decode_attention=decode_attention, **statics)
+        return (tokens, mask, lengths, int(steps)) if return_steps else (tokens, mask, lengths)
 
     state, prompt_len = _prefill_jit(params, prompt_ids, prompt_mask, rng, *knobs, **statics)
     step = _step_jit_by_donation[jax.default_backend() != "cpu"]
@@ -180,7 +184,7 @@ def generate(params, shape, prompt_ids, prompt_mask, rng, *, temperature=1.0, to
         state = step(params, state, prompt_len, rng, *knobs, **step_statics)
     tokens = state[1]
     mask, lengths = completion_mask_from_tokens(tokens, int(eos_id))
-    return tokens, mask, lengths
+    return (tokens, mask, lengths, int(state[0])) if return_steps else (tokens, mask, lengths)
 
 
 FAST_GENERATE_ENV = "ROLLOUT_FAST_GENERATE"

@@ -134,8 +134,9 @@ def _tensor_files(model_dir: str) -> dict[str, str]:
 class _Reader:
     """Reads tensors by HF name from the right shard, keeping one shard open at a time."""
 
-    def __init__(self, files: dict[str, str]):
+    def __init__(self, files: dict[str, str], listing: str):
         self.files = files
+        self.listing = listing  # the file that lists the tensors (index or the single file), for errors
         self._open_path: str | None = None
         self._handle = None
 
@@ -146,8 +147,7 @@ class _Reader:
         from safetensors import safe_open
 
         if name not in self.files:
-            where = os.path.dirname(next(iter(self.files.values()), "")) or "checkpoint"
-            raise RecError(f"{where}: missing tensor {name!r}")
+            raise RecError(f"{self.listing}: missing tensor {name!r}")
         path = self.files[name]
         if path != self._open_path:
             self._handle = safe_open(path, framework="numpy")
@@ -176,7 +176,9 @@ def load_hf(
     config = read_hf_config(model_dir)
     shape = ModelShape.from_hf_config(config, source=storage.join(model_dir, CONFIG))
     local_dir = storage.local_copy(model_dir)
-    reader = _Reader(_tensor_files(local_dir))
+    index_path = os.path.join(local_dir, INDEX)
+    listing = index_path if os.path.exists(index_path) else os.path.join(local_dir, SINGLE)
+    reader = _Reader(_tensor_files(local_dir), listing)
 
     L, H, V = shape.num_layers, shape.hidden_size, shape.vocab_size
     vpad = shape.padded_vocab(vocab_multiple)

@@ -480,7 +480,11 @@ def forward(
     attend = fast_decode_attention if use_fast else plain_attention
 
     def layer(x, lp, layer_cache):
-        """One decoder layer. layer_cache: None or (k_cache, v_cache) [B,S,Hkv,D] for this layer."""
+        """One decoder layer.
+
+        layer_cache: None (no cache) or (k_all, v_all, layer_id) with the whole [L,B,S,Hkv,D]
+        buffers; returns (x, None) or (x, (k_all, v_all)) with this layer's new slots written.
+        """
         h = rms_norm(x, lp["input_layernorm"]["scale"], eps)
         att = lp["self_attn"]
         q = _dense(h, att["q_proj"]["kernel"], att["q_proj"]["bias"]).reshape(B, T, Hq, D)
@@ -491,10 +495,16 @@ def forward(
         if layer_cache is None:
             keys, values, new_kv = k, v, None
         else:
-            k_cache, v_cache = layer_cache
-            keys = lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
-            values = lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
-            new_kv = (k.astype(k_cache.dtype), v.astype(v_cache.dtype))
+            # Write the new slots into the carried buffers first, then read this layer's slice
+            # from the updated buffers: the old buffer is dead after the write, so XLA updates in
+            # place and the attention reads the slice without a copy of the cache.
+            k_all, v_all, layer_id = layer_cache
+            start = (layer_id, 0, index, 0, 0)
+            k_all = lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], start)
+            v_all = lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], start)
+            keys = lax.dynamic_index_in_dim(k_all, layer_id, axis=0, keepdims=False)
+            values = lax.dynamic_index_in_dim(v_all, layer_id, axis=0, keepdims=False)
+            new_kv = (k_all, v_all)
         out = attend(q, keys, values, allowed).reshape(B, T, Hq * D)
         x = x + _dense(out, att["o_proj"]["kernel"])
         h = rms_norm(x, lp["post_attention_layernorm"]["scale"], eps)
@@ -503,30 +513,23 @@ def forward(
         x = x + _dense(gated, mlp["down_proj"]["kernel"])
         return x, new_kv
 
-    if remat:
-        layer = jax.checkpoint(layer)
-
     if cache is None:
+        # remat only matters for training, which never runs with a cache.
+        layer_fn = jax.checkpoint(layer) if remat else layer
 
         def body(x, lp):
-            x, _ = layer(x, lp, None)
+            x, _ = layer_fn(x, lp, None)
             return x, None
 
         x, _ = lax.scan(body, x, params["layers"])
         new_cache = None
     else:
-        # The whole cache rides in the carry and only the T new slots of layer l are written, so
-        # XLA updates it in place instead of re-stacking all layers every call.
+        # The whole cache rides in the scan carry and each layer writes only its T new slots, so
+        # the buffers are updated in place instead of re-stacked every call.
         def body(carry, xs):
             x, k_all, v_all = carry
             lp, layer_id = xs
-            layer_cache = (
-                lax.dynamic_index_in_dim(k_all, layer_id, axis=0, keepdims=False),
-                lax.dynamic_index_in_dim(v_all, layer_id, axis=0, keepdims=False),
-            )
-            x, (k_new, v_new) = layer(x, lp, layer_cache)
-            k_all = lax.dynamic_update_slice(k_all, k_new[None], (layer_id, 0, index, 0, 0))
-            v_all = lax.dynamic_update_slice(v_all, v_new[None], (layer_id, 0, index, 0, 0))
+            x, (k_all, v_all) = layer(x, lp, (k_all, v_all, layer_id))
             return (x, k_all, v_all), None
 
         layer_ids = jnp.arange(shape.num_layers, dtype=jnp.int32)

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rec.config import env_flag
+from rec.decode.sampling import FAST_ATTENTION_ENV, FAST_GENERATE_ENV
 from rec.errors import RecError
 from rec.train.advantages import compute_advantages
 from rec.train.losses import completion_logprobs, ppo_clip_loss
@@ -53,17 +53,15 @@ log = logging.getLogger("rec.train")
 
 STAGE = "grpo"
 LAST_TAG = "grpo_last"
-FAST_GENERATE_ENV = "ROLLOUT_FAST_GENERATE"
-FAST_ATTENTION_ENV = "ROLLOUT_FAST_QWEN2_DECODE_ATTENTION"
 
 
 def resolve_fast_paths(cfg) -> dict[str, bool]:
-    """The rollout fast-path switches: the environment variable when set (0 = off), else the
-    config setting (auto/on = on)."""
-    return {
-        "rollout_fast_generate": env_flag(FAST_GENERATE_ENV, cfg.grpo.fast_generate),
-        "rollout_fast_qwen2_decode_attention": env_flag(FAST_ATTENTION_ENV, cfg.grpo.fast_decode_attention),
-    }
+    """The rollout fast-path switches as recorded in config.yaml: the environment variable when
+    set (0 = off), else the config setting (auto/on = on); see rec.decode.sampling."""
+    from rec.decode.sampling import rollout_fast_paths
+
+    fast_generate, fast_attention = rollout_fast_paths(cfg.grpo.fast_generate, cfg.grpo.fast_decode_attention)
+    return {"rollout_fast_generate": fast_generate, "rollout_fast_qwen2_decode_attention": fast_attention}
 
 
 def check_grpo_config(cfg) -> None:
@@ -383,3 +381,72 @@ def run_grpo(cfg) -> dict:
         print(f"grpo: done at step {step}; " + json.dumps({k: v for k, v in figures.items() if k.startswith("eval/")}),
               file=sys.stderr)
     return figures
+
+
+# ---------------------------------------------------------------------------------------------
+# rec bench rollout
+
+
+def bench_rollout(args) -> dict:
+    """Tokens/s of GRPO-style sampling rollouts on random weights of `--shape` (Qwen2.5 vocabulary):
+    `--batch` sequences (default 128) of `--prompt-len` prompt tokens, `--gen-len` sampled tokens
+    at temperature 1. `--fast on|off` sets both rollout fast paths (auto = the environment
+    variables, on when unset). Random weights almost never sample EOS, so every row generates
+    `--gen-len` tokens. One warm-up call (compile_s), then `--iters` timed calls."""
+    from rec import dist
+    from rec.bench import QWEN_BASE_VOCAB, QWEN_EOS_ID, _device_facts, _random_params
+    from rec.decode import sampling
+    from rec.model.qwen2 import get_shape, shape_with_vocab
+
+    batch = args.batch or 128
+    iters = max(1, args.iters)
+    if args.prompt_len < 1 or args.gen_len < 1:
+        raise RecError(f"bench rollout: --prompt-len and --gen-len must be positive, got {args.prompt_len}, {args.gen_len}")
+    shape = get_shape(args.shape, "--shape")
+    if args.shape == "tiny":
+        shape = shape_with_vocab(shape, QWEN_BASE_VOCAB)
+    mesh = dist.make_mesh("auto")
+    if batch % dist.batch_divisor(mesh):
+        raise RecError(f"--batch {batch} must be a multiple of the {dist.batch_divisor(mesh)} devices")
+    if args.fast == "auto":
+        fast_generate, fast_attention = sampling.rollout_fast_paths("auto", "auto")
+    else:
+        fast_generate = fast_attention = args.fast == "on"
+    dtype = COMPUTE_DTYPES[args.dtype]
+    params = _random_params(shape, dtype, mesh)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, QWEN_EOS_ID - 1, size=(batch, args.prompt_len)).astype(np.int32)
+    g_ids, g_mask = dist.shard_batch((ids, np.ones_like(ids)), mesh)
+
+    def call(i):
+        _, _, lengths = sampling.generate(
+            params, shape, g_ids, g_mask, jax.random.PRNGKey(i), temperature=1.0, top_p=1.0,
+            max_new_tokens=args.gen_len, eos_id=QWEN_EOS_ID, pad_id=QWEN_EOS_ID, fast_generate=fast_generate,
+            fast_attention=fast_attention, compute_dtype=dtype,
+        )
+        return int(np.asarray(dist.process_allgather(lengths)).sum())
+
+    start = time.perf_counter()
+    call(0)
+    compile_s = time.perf_counter() - start
+    generated = 0
+    start = time.perf_counter()
+    for i in range(1, iters + 1):
+        generated += call(i)
+    elapsed = time.perf_counter() - start
+    return {
+        "bench": "rollout",
+        "shape": args.shape,
+        "batch_size": batch,
+        "prompt_len": args.prompt_len,
+        "gen_len": args.gen_len,
+        "iters": iters,
+        "tokens_per_s": round(generated / elapsed, 1),
+        "seconds_per_call": round(elapsed / iters, 4),
+        "generated_tokens_per_call": generated // iters,
+        "compile_s": round(compile_s, 2),
+        "fast_generate": fast_generate,
+        "fast_decode_attention": fast_attention,
+        "dtype": args.dtype,
+        **_device_facts(),
+    }

@@ -189,7 +189,8 @@ class _Setup:
     compute_dtype: object
     micro_prompts: int
     total_steps: int
-    id_to_token: list
+    id_to_token: object  # token id -> token string (a list over the vocabulary, or a dict)
+    decode_attention: str = "fast"  # beam search decode-step attention (bench_rl can turn it off)
 
 
 def _prepare(cfg, mesh, for_bench: bool = False):
@@ -306,7 +307,7 @@ def rollout(setup: _Setup, params, prompt_ids: np.ndarray, prompt_mask: np.ndarr
     for start in range(0, prompt_ids.shape[0], step):
         g_ids, g_mask = shard_batch((prompt_ids[start : start + step], prompt_mask[start : start + step]), setup.mesh)
         sids, _ = constrained_beam_search(params, setup.shape, g_ids, g_mask, setup.trie, beams,
-                                          compute_dtype=setup.compute_dtype)
+                                          compute_dtype=setup.compute_dtype, decode_attention=setup.decode_attention)
         chunks.append(sids)
     return np.concatenate([np.asarray(process_allgather(s)) for s in chunks], axis=0)
 
@@ -520,3 +521,123 @@ def run_rl(cfg) -> dict:
     if is_primary():
         print(f"rl: done at step {step}; checkpoints in {cfg.run.dir}/checkpoints/{LAST_TAG}", file=sys.stderr)
     return figures
+
+
+# ---------------------------------------------------------------------------------------------
+# rec bench rl
+
+
+def bench_rl(args) -> dict:
+    """Steps/s and samples/s of the RL step (beam rollouts + reference scoring + update) on random
+    weights of `--shape` with the Qwen2.5 vocabulary plus the `--data` catalogue's SID tokens.
+
+    `--batch` prompts (default 16) x `--beams` completions (pass 16 for upstream's G), next-SID
+    prompts from the dataset's valid (or test) split with token counts estimated as `rec bench
+    eval` does; `--fast off` runs the beam search with the plain decode attention. One warm-up step
+    (reported as compile_s), then `--iters` timed steps. float32 master weights, `--dtype` compute.
+    """
+    from rec import dist
+    from rec.bench import (
+        QWEN_BASE_VOCAB,
+        QWEN_EOS_ID,
+        QWEN_NEWLINE_ID,
+        _device_facts,
+        _random_params,
+        synthetic_prompt_ids,
+    )
+    from rec.config import load_config
+    from rec.data.dataset import available_splits, load_catalogue, read_split
+    from rec.data.prompts import rl_sid_next
+    from rec.decode.trie import build_trie
+    from rec.model.qwen2 import get_shape, shape_with_vocab
+    from rec.tokenizer import sid_tokens
+    from rec.train.optim import make_optimizer
+    from rec.train.state import init_state, state_shardings
+
+    if not args.data:
+        raise RecError("bench rl: --data DIR (a MiniOneRec dataset directory) is required")
+    splits = available_splits(args.data)
+    split = next((s for s in ("valid", "test", "train") if s in splits), "")
+    if not split:
+        raise RecError(f"{args.data}: no valid.csv, test.csv or train.csv to build prompts from")
+    batch = args.batch or 16
+    iters = max(1, args.iters)
+    catalogue = load_catalogue(args.data)
+    tokens = sid_tokens(catalogue)
+    sid_ids = {t: QWEN_BASE_VOCAB + i for i, t in enumerate(tokens)}
+    shape = get_shape(args.shape, "--shape")
+    shape = shape_with_vocab(shape, max(shape.vocab_size if args.shape != "tiny" else 0, QWEN_BASE_VOCAB + len(tokens)))
+    trie = build_trie([[sid_ids[t] for t in toks] for toks in catalogue.sid_tokens], QWEN_NEWLINE_ID, QWEN_EOS_ID)
+    beams = min(args.beams, trie.num_sids)
+    if beams < 2:
+        raise RecError(f"bench rl: --beams must be at least 2, got {args.beams}")
+
+    rows = read_split(args.data, split, limit=batch * (iters + 1))
+    rng = np.random.default_rng(0)
+    prompt_lists = [synthetic_prompt_ids(rl_sid_next(r.history_sids, r.item_sid).body, sid_ids, rng) for r in rows]
+    targets = [r.item_sid for r in rows]
+    width = int(math.ceil(max(len(p) for p in prompt_lists) / 16) * 16)  # one padded length: one compile
+    mesh = dist.make_mesh("auto")
+    if batch % dist.batch_divisor(mesh):
+        raise RecError(f"--batch {batch} must be a multiple of the {dist.batch_divisor(mesh)} devices")
+    fast = args.fast == "on" or (args.fast == "auto" and _env_fast_attention())
+    cfg = load_config(None, [f"train.batch_size={batch}", f"train.steps={iters + 1}", "train.lr=1.0e-5",
+                             "train.warmup_steps=1", f"rl.generations={beams}", f"model.compute_dtype={args.dtype}",
+                             "model.remat=true"])
+    setup = _Setup(
+        cfg=cfg, mesh=mesh, shape=shape, tokenizer=None, trie=trie, catalogue=catalogue, prompt_ids=prompt_lists,
+        targets=targets, valid_rows=[], pad_id=QWEN_EOS_ID, newline_id=QWEN_NEWLINE_ID, eos_id=QWEN_EOS_ID,
+        compute_dtype=COMPUTE_DTYPES[args.dtype], micro_prompts=batch, total_steps=iters + 1,
+        id_to_token={i: t for t, i in sid_ids.items()}, decode_attention="fast" if fast else "plain",
+    )
+    params = _random_params(shape, jnp.float32, mesh)
+    optimizer = make_optimizer(cfg.train, setup.total_steps)
+    param_sh = jax.tree.map(lambda p: p.sharding, params)
+    state = init_state(params, optimizer.tx, 0, mesh)
+    ref_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=param_sh)(params)
+    del params
+    fns = make_step_functions(setup, optimizer, state_shardings(state.params, param_sh, optimizer.tx, mesh), param_sh)
+
+    def one_step(state, ref_params, step, it):
+        chosen = [(it * batch + j) % len(prompt_lists) for j in range(batch)]
+        ids, mask = left_pad_prompts([prompt_lists[i] for i in chosen], width, QWEN_EOS_ID)
+        return rl_step(setup, fns, state, ref_params, step, ids, mask, [targets[i] for i in chosen])
+
+    start = time.perf_counter()
+    state, ref_params, step, _ = one_step(state, ref_params, 0, 0)
+    compile_s = time.perf_counter() - start
+    rollout_s = update_s = 0.0
+    start = time.perf_counter()
+    for it in range(1, iters + 1):
+        state, ref_params, step, metrics = one_step(state, ref_params, step, it)
+        rollout_s += metrics["rollout_s"]
+        update_s += metrics["update_s"]
+    elapsed = time.perf_counter() - start
+    return {
+        "bench": "rl",
+        "shape": args.shape,
+        "prompts_per_step": batch,
+        "beams": beams,
+        "iters": iters,
+        "steps_per_s": round(iters / elapsed, 4),
+        "samples_per_s": round(iters * batch * beams / elapsed, 2),  # completions (prompt x beam) per second
+        "prompts_per_s": round(iters * batch / elapsed, 3),
+        "rollout_s_per_step": round(rollout_s / iters, 4),
+        "update_s_per_step": round(update_s / iters, 4),
+        "compile_s": round(compile_s, 2),
+        "fast_decode_attention": fast,
+        "prompt_len_padded": width,
+        "prompt_tokens": "estimated (Qwen2 pre-tokenizer rule, synthetic ids)",
+        "data": str(args.data),
+        "split": split,
+        "vocab": shape.vocab_size,
+        "dtype": args.dtype,
+        "param_dtype": "float32",
+        **_device_facts(),
+    }
+
+
+def _env_fast_attention() -> bool:
+    from rec.decode.sampling import rollout_fast_paths
+
+    return rollout_fast_paths("auto", "auto")[1]

@@ -8,7 +8,6 @@ stderr and exit status 2; Ctrl-C exits 130.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from rec.errors import RecError

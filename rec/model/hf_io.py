@@ -134,11 +134,16 @@ def _tensor_files(model_dir: str) -> dict[str, str]:
 class _Reader:
     """Reads tensors by HF name from the right shard, keeping one shard open at a time."""
 
-    def __init__(self, files: dict[str, str], listing: str):
+    def __init__(self, files: dict[str, str], listing: str, local_dir: str, model_dir: str):
         self.files = files
         self.listing = listing  # the file that lists the tensors (index or the single file), for errors
+        self._local_dir, self._model_dir = local_dir, model_dir
         self._open_path: str | None = None
         self._handle = None
+
+    def _shown(self, path: str) -> str:
+        """The user's name for a file (its gs:// URL when the directory was downloaded)."""
+        return storage.join(self._model_dir, os.path.relpath(path, self._local_dir))
 
     def has(self, name: str) -> bool:
         return name in self.files
@@ -155,10 +160,11 @@ class _Reader:
         try:
             array = self._handle.get_tensor(name)
         except Exception as exc:
-            raise RecError(f"{path}: cannot read tensor {name!r} ({exc})") from None
+            raise RecError(f"{self._shown(path)}: cannot read tensor {name!r} ({exc})") from None
         if tuple(array.shape) != tuple(expected):
             raise RecError(
-                f"{path}: tensor {name!r} has shape {list(array.shape)}, config.json implies {list(expected)}"
+                f"{self._shown(path)}: tensor {name!r} has shape {list(array.shape)}, "
+                f"config.json implies {list(expected)}"
             )
         return array
 
@@ -177,8 +183,8 @@ def load_hf(
     shape = ModelShape.from_hf_config(config, source=storage.join(model_dir, CONFIG))
     local_dir = storage.local_copy(model_dir)
     index_path = os.path.join(local_dir, INDEX)
-    listing = index_path if os.path.exists(index_path) else os.path.join(local_dir, SINGLE)
-    reader = _Reader(_tensor_files(local_dir), listing)
+    listing = storage.join(model_dir, INDEX if os.path.exists(index_path) else SINGLE)
+    reader = _Reader(_tensor_files(local_dir), listing, local_dir, model_dir)
 
     L, H, V = shape.num_layers, shape.hidden_size, shape.vocab_size
     vpad = shape.padded_vocab(vocab_multiple)

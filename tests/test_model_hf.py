@@ -196,7 +196,9 @@ def test_load_errors_name_file_and_key(tmp_path, tiny_hf_dir_factory):
     tensors = load_file(str(missing / "model.safetensors"))
     del tensors["model.layers.1.mlp.up_proj.weight"]
     save_file(tensors, str(missing / "model.safetensors"))
-    with pytest.raises(RecError, match=r"model\.safetensors: missing tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"):
+    with pytest.raises(
+        RecError, match=r"model\.safetensors: missing tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"
+    ):
         load_hf(str(missing), progress=False)
 
     bad_shape = _copy_dir(hf_dir, tmp_path / "bad_shape")
@@ -273,3 +275,21 @@ def test_gcs_round_trip_and_stale_shards_removed(gcs_bucket, tiny_hf_dir_factory
     _, params3 = load_hf(out, progress=False)  # bf16 on disk, float32 in memory: bf16-rounded values
     rounded = np.asarray(params["norm"]["scale"]).astype(jnp.bfloat16).astype(np.float32)
     np.testing.assert_array_equal(params3["norm"]["scale"], rounded)
+
+
+def test_bf16_compute_error_comparable_to_hf_bf16(tmp_path):
+    """Our bf16 compute path deviates from the f32 reference about as much as HF's bf16 model does."""
+    torch = pytest.importorskip("torch")
+    model = make_tiny_torch_qwen2(VOCAB, tied=False, seed=4)
+    model.save_pretrained(tmp_path)
+    shape, params = load_hf(str(tmp_path), progress=False)
+    tokens, mask = _left_padded_batch(VOCAB, seed=6)
+    reference = _torch_logits(model, tokens, mask)
+    hf_bf16 = _torch_logits(model.to(torch.bfloat16), tokens, mask)
+    mask_j = jnp.asarray(mask)
+    ours, _ = forward(
+        params, shape, jnp.asarray(tokens), positions_from_mask(mask_j), mask_j, compute_dtype=jnp.bfloat16
+    )
+    ours_err = np.abs(np.asarray(ours)[mask] - reference[mask]).max()
+    hf_err = np.abs(hf_bf16[mask] - reference[mask]).max()
+    assert 0 < ours_err <= 2 * hf_err

@@ -154,3 +154,53 @@ def test_grpo_on_real_gsm8k(tmp_path, synth_tokenizer_dir, gsm8k_dir, clean_env)
     ]))
     assert figures["eval/num_samples"] == 4
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["resolved"]["num_problems"] == 8
+
+
+@pytest.mark.slow
+def test_grpo_resume_ends_in_the_same_state(tmp_path, synth_tokenizer_dir, clean_env):
+    """2 steps in one go vs a run killed right after its grpo_last@1 checkpoint and restarted:
+    the sampling RNG lives in the checkpointed state, so rollouts and parameters match.
+    A random tiny model never answers correctly, so the reward is replaced by one that varies
+    with the sampled text (its length mod 5): advantages and updates are then non-zero."""
+    import jax
+
+    from rec import checkpoint
+
+    def text_length_reward(completions, golds, weights):
+        total = np.array([len(c) % 5 for c in completions], np.float32)
+        return total, {"correctness": total, "format": np.zeros_like(total)}
+
+    clean_env.setattr(G, "gsm8k_rewards", text_length_reward)
+
+    def cfg(run_dir):
+        return load_config(TINY_GRPO, [f"model.tokenizer={synth_tokenizer_dir}", f"run.dir={run_dir}",
+                                       "run.progress=false", "train.steps=2", "train.save_every=1",
+                                       "grpo.eval_limit=0", "grpo.max_new_tokens=8", "train.lr=0.01"])
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    G.run_grpo(cfg(straight))
+
+    class Killed(Exception):
+        pass
+
+    real_save = checkpoint.save
+
+    def save_then_die(run_dir, tag, state, step, meta=None):
+        path = real_save(run_dir, tag, state, step, meta)
+        if step == 1:
+            raise Killed()
+        return path
+
+    clean_env.setattr(checkpoint, "save", save_then_die)
+    with pytest.raises(Killed):
+        G.run_grpo(cfg(resumed))
+    clean_env.setattr(checkpoint, "save", real_save)
+    G.run_grpo(cfg(resumed))
+    a = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in b] == [1, 2]
+    assert a[0]["grad_norm"] > 0 and a[1]["grad_norm"] > 0
+    assert b[1]["completion_length"] == a[1]["completion_length"] and b[1]["loss"] == pytest.approx(a[1]["loss"])
+    _, pa = checkpoint.load_params(str(straight), "grpo_last")
+    _, pb = checkpoint.load_params(str(resumed), "grpo_last")
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6), pa, pb)

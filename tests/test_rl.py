@@ -95,6 +95,23 @@ def test_cli_bad_rl_value_exit_2(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("error:") and "rl.reward" in err[0]
 
 
+def test_unknown_sid_in_train_split_names_file_and_line(tmp_path, synth_tokenizer_dir, capsys):
+    from rec.cli import main
+    from tests.fixtures_data import make_synth_dataset
+
+    directory = pathlib.Path(make_synth_dataset(tmp_path / "ds", users=20, items=16))
+    lines = (directory / "train.csv").read_text().split("\n")
+    lines[3] = lines[3].rsplit(",", 1)[0] + ",<a_99><b_9><c_9>"
+    (directory / "train.csv").write_text("\n".join(lines))
+    run_dir = tmp_path / "run"
+    code = main(["rl", "--config", TINY_RL, f"data.dir={directory}", f"model.tokenizer={synth_tokenizer_dir}",
+                 f"run.dir={run_dir}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith(f"error: {directory / 'train.csv'}:4: unknown SID <a_99><b_9><c_9>")
+    assert not run_dir.exists()  # nothing written
+
+
 # --------------------------------------------------------------------------------------------
 # End to end
 
@@ -164,11 +181,12 @@ def test_rl_run_raises_reward_and_writes_checkpoints(tmp_path, synth_tokenizer_d
 @pytest.mark.slow
 def test_rl_resume_ends_in_the_same_state(tmp_path, synth_tokenizer_dir, monkeypatch):
     """4 steps in one go vs a run killed right after its rl_last@2 checkpoint and restarted with the
-    same command (reference sync every 3 steps, so the restored reference matters too)."""
+    same command (reference sync every 3 steps, so the restored reference matters too). Two PPO
+    updates per rollout batch, so the clipped-ratio path runs as well."""
     from rec import checkpoint
 
     data_dir = _single_target_dataset(tmp_path)
-    extra = ["rl.eval_limit=0", "rl.best_metric=", "train.save_every=2", "train.lr=0.003"]
+    extra = ["rl.eval_limit=0", "rl.best_metric=", "train.save_every=2", "train.lr=0.003", "rl.updates_per_batch=2"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     RL.run_rl(load_config(TINY_RL, _tiny_overrides(data_dir, synth_tokenizer_dir, straight, 4) + extra))
 
@@ -195,6 +213,8 @@ def test_rl_resume_ends_in_the_same_state(tmp_path, synth_tokenizer_dir, monkeyp
     _, b = checkpoint.load_params(str(resumed), "rl_last")
     jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6), a, b)
     records = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert [r["step"] for r in records] == [2, 4]
     first = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
-    assert records[3]["reward"] == pytest.approx(first[3]["reward"])
+    assert [r["step"] for r in first] == [2, 4]  # one record per rollout batch (2 updates each)
+    assert records[-1]["reward"] == pytest.approx(first[-1]["reward"])
+    assert first[-1]["clip_fraction"] >= 0.0 and first[-1]["grad_norm"] > 0

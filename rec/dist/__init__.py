@@ -312,17 +312,19 @@ def process_rows(mesh: Mesh, global_size: int) -> np.ndarray:
     return np.array(sorted(rows), dtype=np.int64)
 
 
-def global_batch(local_arrays: Any, mesh: Mesh, global_size: int) -> Any:
+def global_batch(local_arrays: Any, mesh: Mesh, global_size: int | None = None) -> Any:
     """Global jax.Arrays (batch axis over data×fsdp) from each process's own rows.
 
     `local_arrays` is a pytree of numpy arrays whose leading axis holds this process's rows
-    (those `process_rows(mesh, global_size)` names, in that order).
+    (those `process_rows(mesh, global_size)` names, in that order). `global_size` defaults to
+    what JAX infers (local rows × processes, for the usual even split).
     """
 
     def build(local):
         local = np.asarray(local)
         sharding = batch_sharding(mesh, local.ndim)
-        return jax.make_array_from_process_local_data(sharding, local, (global_size, *local.shape[1:]))
+        shape = None if global_size is None else (global_size, *local.shape[1:])
+        return jax.make_array_from_process_local_data(sharding, local, shape)
 
     return jax.tree.map(build, local_arrays)
 

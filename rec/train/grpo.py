@@ -159,14 +159,13 @@ def _prepare(cfg, mesh):
     train_ids = _tokenize(tok, train_problems, cfg.grpo.max_prompt_len)
     eval_ids = _tokenize(tok, eval_problems, cfg.grpo.max_prompt_len)
     width = prompt_width([len(t) for t in train_ids + eval_ids], cfg.grpo.max_prompt_len)
-    rollouts = math.ceil(cfg.train.steps / cfg.grpo.updates_per_batch) if cfg.train.steps else \
-        max(1, math.ceil(cfg.train.epochs * len(train_ids) / cfg.train.batch_size))
+    rollouts = max(1, math.ceil(cfg.train.epochs * len(train_ids) / cfg.train.batch_size))
     setup = _Setup(
         cfg=cfg, mesh=mesh, shape=shape, tokenizer=tok, train_ids=train_ids,
         train_golds=[p.answer for p in train_problems], eval_ids=eval_ids,
         eval_golds=[p.answer for p in eval_problems], width=width, pad_id=pad_id, eos_id=eos_id,
         compute_dtype=COMPUTE_DTYPES[cfg.model.compute_dtype], micro_prompts=micro, fast=resolve_fast_paths(cfg),
-        total_steps=cfg.train.steps or rollouts * cfg.grpo.updates_per_batch,
+        total_steps=cfg.train.steps or rollouts * cfg.grpo.updates_per_batch,  # optimizer steps
     )
     return setup, params
 

@@ -68,7 +68,12 @@ def read_metrics(run_dir: str, stage: str | None = None) -> list[dict]:
     path = storage.join(run_dir, "metrics.jsonl")
     if not storage.exists(path):
         return []
-    records = [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
+    records = []
+    for line in storage.read_text(path).splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # blank, or a torn last line of a killed writer
     return [r for r in records if stage is None or r.get("stage") == stage]
 
 

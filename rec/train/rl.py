@@ -193,9 +193,9 @@ class _Setup:
     decode_attention: str = "fast"  # beam search decode-step attention (bench_rl can turn it off)
 
 
-def _prepare(cfg, mesh, for_bench: bool = False):
+def _prepare(cfg, mesh):
     """Catalogue, rows, model, tokenizer, trie and tokenized prompts."""
-    from rec.data.dataset import load_catalogue, read_split
+    from rec.data.dataset import load_catalogue, read_split, split_path
     from rec.data.rl import rl_prompt_ids, rl_prompts
     from rec.decode.trie import trie_from_sids
     from rec.dist import batch_divisor
@@ -207,13 +207,14 @@ def _prepare(cfg, mesh, for_bench: bool = False):
     rows = read_split(cfg.data.dir, cfg.data.train_split, limit=cfg.data.limit)
     if not rows:
         raise RecError(f"{cfg.data.dir}: split '{cfg.data.train_split}' (data.train_split) has no rows")
-    prompts = rl_prompts(catalogue, rows, rl.tasks, seed=cfg.run.seed, seq_title_sample=rl.seq_title_sample)
     known = set(catalogue.all_sids)
-    for p in prompts:
-        if p.target_sid not in known:
-            raise RecError(f"{cfg.data.dir}: RL target SID {p.target_sid} ({p.task}) is not in the catalogue")
+    if any(s not in known for r in rows for s in (r.item_sid, *r.history_sids)):
+        from rec.eval.evaluate import check_rows
+
+        check_rows(split_path(cfg.data.dir, cfg.data.train_split), rows, known)  # names file:line
+    prompts = rl_prompts(catalogue, rows, rl.tasks, seed=cfg.run.seed, seq_title_sample=rl.seq_title_sample)
     valid_rows = []
-    if not for_bench and _validation_enabled(cfg):
+    if _validation_enabled(cfg):
         valid_rows = read_split(cfg.data.dir, cfg.data.valid_split, limit=rl.eval_limit)
 
     micro = train.micro_batch_size or train.batch_size
@@ -239,10 +240,9 @@ def _prepare(cfg, mesh, for_bench: bool = False):
         raise RecError(f"config: 'rl.eval_beams' ({rl.eval_beams}) is more than the {trie.num_sids} distinct SIDs")
     prompt_ids = rl_prompt_ids(tok, prompts, max_prompt_len=cfg.data.max_len)
 
-    rollouts = train.steps and math.ceil(train.steps / rl.updates_per_batch)
-    if not rollouts:
-        rollouts = max(1, math.ceil(train.epochs * len(prompts) / train.batch_size))
-    total_steps = train.steps or rollouts * rl.updates_per_batch
+    # train.steps counts optimizer steps; epochs count passes over the prompts (each rollout batch
+    # gives rl.updates_per_batch steps).
+    total_steps = train.steps or max(1, math.ceil(train.epochs * len(prompts) / train.batch_size)) * rl.updates_per_batch
     setup = _Setup(
         cfg=cfg, mesh=mesh, shape=shape, tokenizer=tok, trie=trie, catalogue=catalogue, prompt_ids=prompt_ids,
         targets=[p.target_sid for p in prompts], valid_rows=valid_rows, pad_id=pad_id, newline_id=nl_id,

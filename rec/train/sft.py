@@ -270,7 +270,8 @@ def _train(cfg: Config, crash_after: int | None = None) -> dict:
         checkpoint.save(cfg.run.dir, "sft_last", state_now, int(state_now.step), meta_for(state_now, metrics))
 
     last_metrics: dict = {}
-    tokens_seen, started = 0, time.perf_counter()
+    # Throughput over this invocation's steps after its first (which includes compilation).
+    steady_tokens, steady_seconds = 0, 0.0
     stream = batch_stream(
         train_examples,
         cfg.train.batch_size,
@@ -289,7 +290,9 @@ def _train(cfg: Config, crash_after: int | None = None) -> dict:
         step = int(state.step)
         dt = time.perf_counter() - t0
         real_tokens = int((batch["attention_mask"] * (batch["weights"][:, None] > 0)).sum())
-        tokens_seen += real_tokens
+        if steps_this_run > 0:
+            steady_tokens += real_tokens
+            steady_seconds += dt
         metrics.update(
             tokens_per_s=real_tokens / max(dt, 1e-9),
             epoch=epoch + (index + 1) / per_epoch,
@@ -345,7 +348,6 @@ def _train(cfg: Config, crash_after: int | None = None) -> dict:
         )
     logger.close()
 
-    elapsed = time.perf_counter() - started
     summary = {
         "train/steps": step,
         "train/total_steps": total,
@@ -355,7 +357,7 @@ def _train(cfg: Config, crash_after: int | None = None) -> dict:
         "train/best_step": progress_meta.get("best_step"),
         "train/early_stopped": step < total,
         "train/examples": len(train_examples),
-        "train/tokens_per_s": tokens_seen / elapsed if steps_this_run else None,
+        "train/tokens_per_s": steady_tokens / steady_seconds if steady_seconds > 0 else None,
         "train/processes": jax.process_count(),
         "train/devices": jax.device_count(),
     }

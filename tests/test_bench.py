@@ -74,3 +74,12 @@ def test_bench_errors(synth_dataset_dir):
         run_bench(_args(data=""))
     with pytest.raises(RecError, match="--shape: unknown shape"):
         run_bench(_args(data=synth_dataset_dir, shape="qwen9"))
+
+
+def test_delegation_names_missing_module():
+    from rec.bench import _delegate
+
+    with pytest.raises(RecError, match=r"rec\.train\.no_such_module is missing \(it provides bench_x\(args\)\)"):
+        _delegate("rec.train.no_such_module", "bench_x", _args(what="rollout"))
+    with pytest.raises(RecError, match="has no bench_x"):
+        _delegate("rec.eval.metrics", "bench_x", _args(what="rollout"))

@@ -1,9 +1,10 @@
 """N processes train exactly like one process over the same global batch.
 
 Two local processes (jax.distributed over 127.0.0.1, 2 fake CPU devices each, a 4-device global
-mesh) run the real SFT loss of the tiny Qwen2 with gradient accumulation, save a checkpoint from
-both processes, restore it and take one more step. A single process with 4 fake devices runs the
-same program. Losses and final parameters must agree to float tolerance.
+mesh) run the train step with gradient accumulation on parameters sharded across both processes,
+save a checkpoint from both, restore it and take one more step; then the real `rec sft` command
+(tiny Qwen2, synthetic data) runs on two processes. One process with 4 fake devices runs the same
+programs. Losses and final parameters must agree to float tolerance.
 """
 
 import json
@@ -24,57 +25,55 @@ WORKER = textwrap.dedent(
     out_dir, devices = sys.argv[1], int(sys.argv[2])
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import PartitionSpec as P
     from rec import checkpoint, dist
     from rec.config import TrainConfig
-    from rec.model.qwen2 import PARTITION_RULES, SHAPES, init_params, shape_with_vocab
     from rec.train.loop import make_train_step
     from rec.train.optim import make_optimizer
-    from rec.train.sft import make_sft_loss
     from rec.train.state import abstract_state, init_state
 
     dist.init_distributed()
     mesh = dist.make_mesh("auto")
-    shape = shape_with_vocab(SHAPES["tiny"], 60)
-    host_params = jax.tree.map(np.asarray, init_params(shape, jax.random.PRNGKey(0), jnp.float32, vocab_multiple=64))
-    params = dist.shard_params(host_params, mesh, PARTITION_RULES)
+    rules = [("w1$", P("fsdp", None)), ("w2$", P(None, "fsdp"))]  # sharded across both processes
+    rng = np.random.default_rng(0)
+    host_params = {"w1": rng.normal(size=(8, 16)).astype(np.float32) * 0.3,
+                   "w2": rng.normal(size=(16, 4)).astype(np.float32) * 0.3, "b": np.zeros(4, np.float32)}
+    params = dist.shard_params(host_params, mesh, rules)
     # eps well above float noise: Adam would otherwise turn reduction-order noise in near-zero
     # gradients into full-size (sign) updates
     opt = make_optimizer(TrainConfig(lr=1e-2, eps=1e-3, warmup_steps=1, schedule="linear", grad_clip=1.0), 8)
     state = init_state(params, opt.tx, 7, mesh)
     state_sh = jax.tree.map(lambda x: x.sharding, state)
-    loss_fn = make_sft_loss(shape, "float32", remat=True, chunk=8)
-    step_fn = make_train_step(loss_fn, opt, 2, state_shardings=state_sh, mesh=mesh)
 
-    def batch_for(step):
-        rng = np.random.default_rng(0)  # one batch, so the loss must fall
-        ids = rng.integers(0, 60, size=(8, 16)).astype(np.int32)
-        mask = np.ones_like(ids)
-        mask[::3, :4] = 0  # left padding on some rows
-        labels = np.where(mask == 1, ids, -100).astype(np.int32)
-        labels[:, :6] = -100  # prompt
-        positions = np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)
-        weights = np.ones(8, np.float32)
-        weights[-1] = 0.0  # a filler row
-        return dist.shard_batch(dict(input_ids=ids, labels=labels, attention_mask=mask, positions=positions, weights=weights), mesh)
+    def loss_fn(p, mb, extra):
+        hidden = jnp.tanh(mb["x"] @ p["w1"])
+        err = ((hidden @ p["w2"] + p["b"] - mb["y"]) ** 2).sum(-1) * mb["weights"]
+        count = mb["weights"].sum()
+        return err.sum() / jnp.maximum(count, 1.0), {"weight": count}
+
+    step_fn = make_train_step(loss_fn, opt, 2, state_shardings=state_sh, mesh=mesh)
+    data = np.random.default_rng(1)
+    full = {"x": data.normal(size=(8, 8)).astype(np.float32), "y": data.normal(size=(8, 4)).astype(np.float32),
+            "weights": np.array([1, 1, 1, 0, 1, 1, 1, 1], np.float32)}  # one filler row
+    batch = dist.shard_batch(full, mesh)  # every process passes the same global batch
 
     losses = []
-    for step in range(3):
-        state, metrics = step_fn(state, batch_for(step))
+    for _ in range(3):
+        state, metrics = step_fn(state, batch)
         losses.append(float(metrics["loss"]))
     run_dir = os.path.join(out_dir, "run")
-    checkpoint.save(run_dir, "t", state, int(state.step), {"model_config": shape.to_hf_config()})
+    checkpoint.save(run_dir, "t", state, int(state.step), {"note": "x"})
     abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.params)
-    target = abstract_state(abstract_params, dist.param_shardings(abstract_params, mesh, PARTITION_RULES), opt.tx, mesh)
+    target = abstract_state(abstract_params, dist.param_shardings(abstract_params, mesh, rules), opt.tx, mesh)
     restored, meta = checkpoint.restore(run_dir, "t", target)
-    state, metrics = step_fn(restored, batch_for(3))
+    state, metrics = step_fn(restored, batch)
     losses.append(float(metrics["loss"]))
-    flat = {dist.path_string(p): np.asarray(v) for p, v in
-            jax.tree_util.tree_flatten_with_path(dist.process_allgather(state.params))[0]}
+    params = dist.process_allgather(state.params)
     if dist.is_primary():
-        np.savez(os.path.join(out_dir, "params.npz"), **flat)
+        np.savez(os.path.join(out_dir, "params.npz"), **{k: np.asarray(v) for k, v in params.items()})
         with open(os.path.join(out_dir, "result.json"), "w") as f:
-            json.dump({"losses": losses, "step": int(np.asarray(dist.process_allgather(state.step))),
-                       "processes": jax.process_count(), "devices": jax.device_count()}, f)
+            json.dump({"losses": losses, "step": int(state.step), "processes": jax.process_count(),
+                       "devices": jax.device_count(), "w1_spec": [str(a) for a in state.params["w1"].sharding.spec]}, f)
     dist.sync("end")
     """
 )
@@ -135,6 +134,7 @@ def test_two_processes_match_one_process(tmp_path):
     assert multi["step"] == single["step"] == 4
     np.testing.assert_allclose(multi["losses"], single["losses"], rtol=1e-5)
     assert multi["losses"][-1] < multi["losses"][0]  # it trains
+    assert multi["w1_spec"] == ["fsdp", "None"]
     assert multi_params.keys() == single_params.keys()
     for key in single_params:
         np.testing.assert_allclose(multi_params[key], single_params[key], rtol=1e-4, atol=1e-6, err_msg=key)

@@ -111,7 +111,8 @@ def test_grpo_runs_end_to_end_with_fast_paths_on_by_default(tmp_path, synth_toke
     calls = _recording_generate(clean_env)
     run_dir = tmp_path / "run"
     figures = G.run_grpo(load_config(TINY_GRPO, [f"model.tokenizer={synth_tokenizer_dir}", f"run.dir={run_dir}",
-                                                 "run.progress=false", "train.steps=2", "grpo.beta=0.01"]))
+                                                 "run.progress=false", "train.steps=2", "grpo.beta=0.01",
+                                                 "grpo.max_new_tokens=8", "grpo.max_prompt_len=64"]))
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())["resolved"]
     assert resolved["rollout_fast_generate"] is True and resolved["rollout_fast_qwen2_decode_attention"] is True
     assert "ROLLOUT_FAST_GENERATE=on, ROLLOUT_FAST_QWEN2_DECODE_ATTENTION=on" in capsys.readouterr().err
@@ -138,7 +139,7 @@ def test_grpo_env_zero_turns_fast_paths_off_and_run_uses_it(tmp_path, synth_toke
     run_dir = tmp_path / "run"
     G.run_grpo(load_config(TINY_GRPO, [f"model.tokenizer={synth_tokenizer_dir}", f"run.dir={run_dir}",
                                        "run.progress=false", "train.steps=1", "grpo.eval_limit=0",
-                                       "grpo.max_new_tokens=8", "grpo.estimator=rloo"]))
+                                       "grpo.max_new_tokens=4", "grpo.max_prompt_len=64", "grpo.estimator=rloo"]))
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())["resolved"]
     assert resolved["rollout_fast_generate"] is False and resolved["rollout_fast_qwen2_decode_attention"] is False
     assert calls and all(c[:2] == (False, False) for c in calls)
@@ -150,7 +151,7 @@ def test_grpo_on_real_gsm8k(tmp_path, synth_tokenizer_dir, gsm8k_dir, clean_env)
     figures = G.run_grpo(load_config(TINY_GRPO, [
         f"model.tokenizer={synth_tokenizer_dir}", f"run.dir={run_dir}", "run.progress=false", "grpo.synthetic=0",
         f"data.dir={gsm8k_dir}", "data.limit=8", "train.steps=1", "grpo.eval_limit=4", "eval.batch_size=4",
-        "grpo.max_new_tokens=8",
+        "grpo.max_new_tokens=4", "grpo.max_prompt_len=64",
     ]))
     assert figures["eval/num_samples"] == 4
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["resolved"]["num_problems"] == 8
@@ -175,7 +176,8 @@ def test_grpo_resume_ends_in_the_same_state(tmp_path, synth_tokenizer_dir, clean
     def cfg(run_dir):
         return load_config(TINY_GRPO, [f"model.tokenizer={synth_tokenizer_dir}", f"run.dir={run_dir}",
                                        "run.progress=false", "train.steps=2", "train.save_every=1",
-                                       "grpo.eval_limit=0", "grpo.max_new_tokens=8", "train.lr=0.01"])
+                                       "grpo.eval_limit=0", "grpo.max_new_tokens=6", "grpo.max_prompt_len=64",
+                                       "train.lr=0.01"])
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     G.run_grpo(cfg(straight))

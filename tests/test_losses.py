@@ -72,35 +72,30 @@ def test_rec_policy_loss_matches_torch_value_and_gradient():
 def test_rec_policy_loss_gradient_finite_difference():
     logits, ref_logits, targets, mask, adv = _random_case(1, batch=2, steps=3, vocab=5)
     old = np.asarray(token_logprobs(jnp.asarray(logits + 0.2), jnp.asarray(targets)))
+    ref = token_logprobs(jnp.asarray(ref_logits), jnp.asarray(targets))
 
-    def f(lg, clip):
-        lg = jnp.asarray(lg, jnp.float32)
+    def loss(lg, clip):
         logp = token_logprobs(lg, jnp.asarray(targets))
-        ref = token_logprobs(jnp.asarray(ref_logits), jnp.asarray(targets))
         old_logp = jnp.asarray(old) if clip else None
         return rec_policy_loss(logp, ref, jnp.asarray(adv), jnp.asarray(mask), beta=0.5, old_logp=old_logp)[0]
 
+    def surrogate_with_logp(lg):
+        # ratio = exp(logp - sg(logp)) has value 1 but gradient grad(logp): the loss's gradient equals
+        # that of this A * logp form, which finite differences can see.
+        logp = token_logprobs(lg, jnp.asarray(targets))
+        d = ref - logp
+        per_token = -(logp * jnp.asarray(adv)[:, None] - 0.5 * (jnp.exp(d) - d - 1))
+        return sequence_mean(per_token, jnp.asarray(mask)).mean()
+
     for clip in (False, True):
-        grad = np.asarray(jax.grad(lambda lg, clip=clip: f(lg, clip))(jnp.asarray(logits)))
+        grad = np.asarray(jax.jit(jax.grad(lambda lg, clip=clip: loss(lg, clip)))(jnp.asarray(logits)))
+        numeric_fn = jax.jit(lambda lg, clip=clip: loss(lg, clip)) if clip else jax.jit(surrogate_with_logp)
         h = 1e-2
         for idx in [(0, 0, 1), (0, 2, 4), (1, 1, 0)]:
             plus, minus = logits.copy(), logits.copy()
             plus[idx] += h
             minus[idx] -= h
-            if clip:
-                numeric = (float(f(plus, clip)) - float(f(minus, clip))) / (2 * h)
-            else:
-                # ratio = exp(logp - sg(logp)) has value 1 but gradient grad(logp): the surrogate's
-                # gradient equals that of A * logp, so differentiate that form numerically.
-                def g(lg):
-                    lg = jnp.asarray(lg, jnp.float32)
-                    logp = token_logprobs(lg, jnp.asarray(targets))
-                    ref = token_logprobs(jnp.asarray(ref_logits), jnp.asarray(targets))
-                    d = ref - logp
-                    per_token = -(logp * jnp.asarray(adv)[:, None] - 0.5 * (jnp.exp(d) - d - 1))
-                    return float(sequence_mean(per_token, jnp.asarray(mask)).mean())
-
-                numeric = (g(plus) - g(minus)) / (2 * h)
+            numeric = (float(numeric_fn(jnp.asarray(plus))) - float(numeric_fn(jnp.asarray(minus)))) / (2 * h)
             assert grad[idx] == pytest.approx(numeric, rel=2e-2, abs=2e-4), (clip, idx)
 
 
@@ -175,14 +170,12 @@ def test_completion_logprobs_match_unpadded_full_forward():
         prompt_mask[i, T - len(p):] = 1
         comp_ids[i, : len(c)] = c
         comp_mask[i, : len(c)] = 1
-    got = completion_logprobs(
-        params, shape, jnp.asarray(prompt_ids), jnp.asarray(prompt_mask), jnp.asarray(comp_ids),
-        jnp.asarray(comp_mask), compute_dtype=jnp.float32, chunk=2,
-    )
-    for i, (p, c) in enumerate(zip(prompts, completions, strict=False)):
-        seq = jnp.asarray([p + c])
-        logits, _ = forward(params, shape, seq, jnp.arange(seq.shape[1])[None], jnp.ones_like(seq),
-                            compute_dtype=jnp.float32)
+    got = jax.jit(lambda *a: completion_logprobs(params, shape, *a, compute_dtype=jnp.float32, chunk=2))(
+        jnp.asarray(prompt_ids), jnp.asarray(prompt_mask), jnp.asarray(comp_ids), jnp.asarray(comp_mask))
+    full_forward = jax.jit(lambda seq: forward(params, shape, seq, jnp.arange(seq.shape[1])[None],
+                                               jnp.ones_like(seq), compute_dtype=jnp.float32)[0])
+    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+        logits = full_forward(jnp.asarray([p + c]))
         logp = jax.nn.log_softmax(logits[0, :, : shape.vocab_size], axis=-1)
         expected = [float(logp[len(p) - 1 + j, tok]) for j, tok in enumerate(c)]
         np.testing.assert_allclose(np.asarray(got)[i, : len(c)], expected, rtol=1e-4, atol=1e-4)

@@ -56,8 +56,8 @@ def test_rec_rl_two_processes_match_one(tmp_path, synth_dataset_dir, synth_token
         return ["rl", "--config", "configs/tiny/rl.yaml", f"run.dir={run_dir}", f"data.dir={synth_dataset_dir}",
                 f"model.tokenizer={synth_tokenizer_dir}", "run.progress=false", "train.steps=2",
                 "train.batch_size=4", "train.micro_batch_size=2", "train.lr=0.003", "train.eps=0.001",
-                "rl.generations=4", "rl.tasks=[sid_next]", "rl.eval_every=2", "rl.eval_limit=4", "rl.eval_beams=4",
-                "eval.batch_size=4", "eval.topk=[1,4]", "data.length_buckets=[160]", "data.max_len=160"]
+                "rl.generations=4", "rl.tasks=[sid_next]", "rl.eval_limit=0", "data.length_buckets=[96]",
+                "data.max_len=96"]
 
     two, one = tmp_path / "two", tmp_path / "one"
     _launch(tmp_path, "two", 2, 1, args(two))
@@ -68,9 +68,8 @@ def test_rec_rl_two_processes_match_one(tmp_path, synth_dataset_dir, synth_token
         assert [r["step"] for r in records] == [1, 2], name  # written once, by the primary
         metrics[name] = records
     for a, b in zip(metrics["two"], metrics["one"], strict=True):
-        for key in ("reward", "hit_rate", "hit@1", "val/hr@4"):
-            if key in a or key in b:
-                assert a[key] == pytest.approx(b[key], abs=1e-6), key
+        for key in ("reward", "hit_rate", "hit@1", "kl"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), key
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-7)
     _, p_two = checkpoint.load_params(str(two), "rl_last")
     _, p_one = checkpoint.load_params(str(one), "rl_last")

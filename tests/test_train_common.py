@@ -14,10 +14,14 @@ from rec.train.common import load_model_and_tokenizer, prepare_run_dir, resolve_
 
 
 def _cfg(*overrides):
-    return load_config(None, ["run.progress=false", "model.param_dtype=float32", "model.vocab_multiple=64", *overrides])
+    return load_config(
+        None, ["run.progress=false", "model.param_dtype=float32", "model.vocab_multiple=64", *overrides]
+    )
 
 
-def test_random_init_sizes_tiny_to_tokenizer_and_prepare_run_dir(tmp_path, synth_dataset_dir, synth_tokenizer_dir):
+def test_random_init_sizes_tiny_to_tokenizer_and_prepare_run_dir(
+    tmp_path, synth_dataset_dir, synth_tokenizer_dir
+):
     cfg = _cfg(f"model.tokenizer={synth_tokenizer_dir}", f"run.dir={tmp_path / 'run'}")
     shape, params, tok = load_model_and_tokenizer(cfg, load_catalogue(synth_dataset_dir), "sft")
     assert shape.vocab_size == len(tok)
@@ -42,14 +46,20 @@ def test_hf_dir_grows_vocabulary_to_tokenizer(tiny_hf_dir_factory, synth_dataset
     emb = np.asarray(params["embed_tokens"]["embedding"])
     np.testing.assert_allclose(emb[:300], np.asarray(original["embed_tokens"]["embedding"])[:300])
     # new rows (the SID tokens beyond the checkpoint's vocabulary) start at the mean of the old rows
-    np.testing.assert_allclose(emb[300 : len(tok)], np.broadcast_to(emb[:300].mean(0), (len(tok) - 300, 64)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        emb[300 : len(tok)], np.broadcast_to(emb[:300].mean(0), (len(tok) - 300, 64)), rtol=1e-5, atol=1e-6
+    )
     head = np.asarray(params["lm_head"]["kernel"])
     np.testing.assert_allclose(head[:, len(tok) - 1], head[:, :300].mean(1), rtol=1e-5, atol=1e-6)
 
 
-def test_hf_dir_with_spare_rows_keeps_its_vocabulary(tiny_hf_dir_factory, synth_dataset_dir, synth_tokenizer_dir):
+def test_hf_dir_with_spare_rows_keeps_its_vocabulary(
+    tiny_hf_dir_factory, synth_dataset_dir, synth_tokenizer_dir
+):
     hf = tiny_hf_dir_factory(vocab_size=640, tied=True, tokenizer_dir=synth_tokenizer_dir)
-    shape, params, tok = load_model_and_tokenizer(_cfg(f"model.path={hf}"), load_catalogue(synth_dataset_dir), "eval")
+    shape, params, tok = load_model_and_tokenizer(
+        _cfg(f"model.path={hf}"), load_catalogue(synth_dataset_dir), "eval"
+    )
     assert len(tok) < 640 and shape.vocab_size == 640  # Qwen-style: SID ids reuse spare rows
 
 

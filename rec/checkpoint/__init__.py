@@ -9,8 +9,9 @@ Layout of one checkpoint (an Orbax CheckpointManager step, finalised atomically)
                                               config, metrics, stage
 
 - ALL processes call `save` and `restore` with the same arguments: each writes/reads its own
-  shards, so no artifact lives only on "the process-0 host". `gs://` paths go straight to GCS
-  (tensorstore), no local staging.
+  shards, so no artifact lives only on "the process-0 host". `gs://` paths go straight to GCS:
+  arrays through tensorstore, directory operations through etils.epath, which needs `gcsfs`
+  (in the `gcs` extra) when TensorFlow is absent. No local staging.
 - One step is kept per tag (`max_to_keep=1`): `sft_best` moves when validation improves,
   `sft_last`/`rl_last` at each save. A step that was not finalised (killed mid-save) is invisible
   to `latest_step` and cleaned up by Orbax.

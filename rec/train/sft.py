@@ -190,6 +190,13 @@ def _train(cfg: Config, crash_after: int | None = None) -> dict:
 
     if not cfg.data.dir:
         raise RecError("config: 'data.dir' must name a MiniOneRec dataset directory")
+    if not cfg.run.resume and checkpoint.latest_step(cfg.run.dir, "sft_last") is not None:
+        # Starting over on top of a newer sft_last would let Orbax's keep-one policy delete the
+        # wrong step; never overwrite a run silently.
+        raise RecError(
+            f"{cfg.run.dir}: already holds an SFT run (checkpoints/sft_last); use another run.dir "
+            "or run.resume=true to continue it"
+        )
     dist.init_distributed()
     mesh = dist.make_mesh(cfg.mesh.shape)
     num_micro = micro_batches(cfg.train, mesh)

@@ -206,3 +206,17 @@ def test_grpo_resume_ends_in_the_same_state(tmp_path, synth_tokenizer_dir, clean
     _, pa = checkpoint.load_params(str(straight), "grpo_last")
     _, pb = checkpoint.load_params(str(resumed), "grpo_last")
     jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6), pa, pb)
+
+
+def test_prompt_uses_chat_template_when_the_tokenizer_has_one(synth_tokenizer_dir):
+    from rec.data.gsm8k import FORMAT_INSTRUCTION, format_prompt
+    from rec.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(synth_tokenizer_dir)
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    text = format_prompt(tok, "What is 2 + 3?")
+    assert text == (f"<|im_start|>system\n{FORMAT_INSTRUCTION}<|im_end|>\n"
+                    "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n")

@@ -147,8 +147,10 @@ def _tiny_overrides(data_dir, tokenizer_dir, run_dir, steps):
 
 
 @pytest.mark.slow
-def test_rl_run_raises_reward_and_writes_checkpoints(tmp_path, synth_tokenizer_dir):
+def test_rl_run_raises_reward_and_writes_checkpoints(tmp_path, synth_tokenizer_dir, monkeypatch):
     from rec import checkpoint
+
+    monkeypatch.delenv("ROLLOUT_FAST_QWEN2_DECODE_ATTENTION", raising=False)
 
     data_dir = _single_target_dataset(tmp_path)
     run_dir = tmp_path / "run"
@@ -175,7 +177,9 @@ def test_rl_run_raises_reward_and_writes_checkpoints(tmp_path, synth_tokenizer_d
     assert summary["train/rl_steps"] == 12
     stored = json.loads((run_dir / "run_summary.json").read_text())
     assert stored["train/rl_val_hr@4"] == summary["train/rl_val_hr@4"]
-    assert "fast_decode_attention" in (run_dir / "config.yaml").read_text()
+    import yaml
+
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["resolved"]["rollout_fast_qwen2_decode_attention"]
 
 
 @pytest.mark.slow

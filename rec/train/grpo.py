@@ -137,7 +137,7 @@ def _tokenize(tok, problems, max_prompt_len):
     return [list(ids)[-max_prompt_len:] for ids in encoded]
 
 
-def _prepare(cfg, mesh):
+def _prepare(cfg, mesh, fast: dict[str, bool]):
     from rec.dist import batch_divisor
     from rec.train.common import load_model_and_tokenizer
 
@@ -164,7 +164,7 @@ def _prepare(cfg, mesh):
         cfg=cfg, mesh=mesh, shape=shape, tokenizer=tok, train_ids=train_ids,
         train_golds=[p.answer for p in train_problems], eval_ids=eval_ids,
         eval_golds=[p.answer for p in eval_problems], width=width, pad_id=pad_id, eos_id=eos_id,
-        compute_dtype=COMPUTE_DTYPES[cfg.model.compute_dtype], micro_prompts=micro, fast=resolve_fast_paths(cfg),
+        compute_dtype=COMPUTE_DTYPES[cfg.model.compute_dtype], micro_prompts=micro, fast=fast,
         total_steps=cfg.train.steps or rollouts * cfg.grpo.updates_per_batch,  # optimizer steps
     )
     return setup, params
@@ -263,17 +263,20 @@ def run_grpo(cfg) -> dict:
 
     check_grpo_config(cfg)
     init_distributed()
+    fast = resolve_fast_paths(cfg)
+    if is_primary():
+        def on_off(flag: bool) -> str:
+            return "on" if flag else "off"
+
+        print(f"grpo: rollout fast paths: {FAST_GENERATE_ENV}={on_off(fast['rollout_fast_generate'])}, "
+              f"{FAST_ATTENTION_ENV}={on_off(fast['rollout_fast_qwen2_decode_attention'])}", file=sys.stderr)
     mesh = make_mesh(cfg.mesh.shape)
-    setup, params = _prepare(cfg, mesh)
+    setup, params = _prepare(cfg, mesh, fast)
     g = cfg.grpo
     group = g.generations
     prompts_per_step = cfg.train.batch_size
     num_micro = prompts_per_step // setup.micro_prompts
     clip = g.updates_per_batch > 1
-    if is_primary():
-        flags = ", ".join(f"{FAST_GENERATE_ENV if 'generate' in k else FAST_ATTENTION_ENV}={'on' if v else 'off'}"
-                          for k, v in setup.fast.items())
-        print(f"grpo: rollout fast paths: {flags}", file=sys.stderr)
 
     optimizer = make_optimizer(cfg.train, setup.total_steps)
     param_sh = jax.tree.map(lambda p: p.sharding, params)
@@ -292,7 +295,8 @@ def run_grpo(cfg) -> dict:
         values, _ = checkpoint.restore(cfg.run.dir, LAST_TAG, _checkpoint_tree(abstract, abstract_ref))
         ref_params = values.pop("ref_params", None)
         state = type(state).from_dict(values)
-        print(f"grpo: resuming from {LAST_TAG} step {int(state.step)}", file=sys.stderr)
+        if is_primary():
+            print(f"grpo: resuming from {LAST_TAG} step {int(state.step)}", file=sys.stderr)
 
     prepare_run_dir(cfg, STAGE, extra={**setup.fast, "total_steps": setup.total_steps,
                                        "num_problems": len(setup.train_ids), "prompt_width": setup.width},

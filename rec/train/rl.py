@@ -15,15 +15,27 @@ One optimizer step (defaults = upstream rl.sh):
    micro-batches of `train.micro_batch_size` prompts x G completions);
 6. every `rl.ref_sync_every` (512) steps: ref <- (1 - alpha) * ref + alpha * policy (alpha 0.6).
 
-Rollouts also run per micro-batch of `train.micro_batch_size` prompts (bounds the B*G-row KV cache).
+Rollouts also run per micro-batch of `train.micro_batch_size` prompts (bounds the B*G-row KV cache),
+with the decode-specialised attention unless ROLLOUT_FAST_QWEN2_DECODE_ATTENTION=0 (recorded in
+config.yaml as `resolved.rollout_fast_qwen2_decode_attention`).
 Prompts of a step are left padded to the smallest of `data.length_buckets` that holds them (fixed
 shapes: one compile per bucket). Validation (every `rl.eval_every` steps, 0 = every 10% of the run,
 and at the end): constrained beam search with `rl.eval_beams` beams over the first `rl.eval_limit`
-rows of `data.valid_split` with the eval prompts, HR@K/NDCG@K computed by rec.eval.metrics.
+rows of `data.valid_split` (-1 = all, 0 = no validation) with the eval prompts (`eval.prompt`),
+HR@K/NDCG@K for `eval.topk` computed by rec.eval.metrics.
 
 Checkpoints: `rl_last` (policy, optimizer state, step, reference model) at each validation or every
-`train.save_every` steps and at the end; `rl_best` by `rl.best_metric` (e.g. "hr@10") when set.
-A restarted run resumes from `rl_last` (prompt order is a pure function of (seed, step)).
+`train.save_every` steps and at the end; `rl_best` (parameters only) by `rl.best_metric` (e.g.
+"hr@10") when set. A restarted run resumes from `rl_last` (prompt order is a pure function of (seed, step)).
+
+Deliberate deviations from upstream (reference §6.1, bugs B1 and B7):
+- B1: upstream's title/description -> SID prompts end with the answer ("### Response:\n<SID>"),
+  which breaks the trie key and gives degenerate rollouts; ours end at "### Response:\n".
+- B7: upstream finds a prompt's target through dicts keyed by the history string, so rows sharing
+  a history (including validation rows merged last) get one row's target; here every prompt
+  carries the target of the row it was built from (rec/data/rl.py).
+- Additions: periodic validation and `rl_best` (upstream keeps no best model); the prompt order
+  is our own per-epoch permutation (upstream: a RepeatRandomSampler with seed 42).
 Every process computes the same rewards (the rollout SIDs are all-gathered: a few KB), so one and
 N processes give the same result over the same global batch.
 """
@@ -190,7 +202,8 @@ class _Setup:
     micro_prompts: int
     total_steps: int
     id_to_token: object  # token id -> token string (a list over the vocabulary, or a dict)
-    decode_attention: str = "fast"  # beam search decode-step attention (bench_rl can turn it off)
+    # beam-search decode-step attention: "fast" unless ROLLOUT_FAST_QWEN2_DECODE_ATTENTION=0
+    decode_attention: str = "fast"
 
 
 def _prepare(cfg, mesh):
@@ -248,6 +261,7 @@ def _prepare(cfg, mesh):
         targets=[p.target_sid for p in prompts], valid_rows=valid_rows, pad_id=pad_id, newline_id=nl_id,
         eos_id=eos_id, compute_dtype=COMPUTE_DTYPES[cfg.model.compute_dtype], micro_prompts=micro,
         total_steps=total_steps, id_to_token=tok.convert_ids_to_tokens(list(range(len(tok)))),
+        decode_attention="fast" if _env_fast_attention() else "plain",
     )
     return setup, params
 
@@ -461,11 +475,12 @@ def run_rl(cfg) -> dict:
         ref_params = values.pop("ref_params")
         state = type(state).from_dict(values)
         best_value = meta.get("best_value")
-        print(f"rl: resuming from {LAST_TAG} step {int(state.step)}", file=sys.stderr)
+        if is_primary():
+            print(f"rl: resuming from {LAST_TAG} step {int(state.step)}", file=sys.stderr)
 
-    fast = {"fast_decode_attention": True}  # beam search always uses the decode-specialised attention
     prepare_run_dir(cfg, STAGE, extra={"total_steps": setup.total_steps, "num_prompts": len(setup.prompt_ids),
-                                       **fast}, tokenizer=setup.tokenizer)
+                                       "rollout_fast_qwen2_decode_attention": setup.decode_attention == "fast"},
+                    tokenizer=setup.tokenizer)
     start_step = int(state.step)
     if is_primary():
         print(f"rl: {len(setup.prompt_ids)} prompts, {setup.total_steps} steps of {prompts_per_step} prompts x "
@@ -502,7 +517,7 @@ def run_rl(cfg) -> dict:
                 if best_value is None or value > best_value:
                     best_value = value
                     logger.flush()
-                    checkpoint.save(cfg.run.dir, BEST_TAG, state.as_dict(), step, _meta(setup, step, best_value))
+                    checkpoint.save(cfg.run.dir, BEST_TAG, {"params": state.params}, step, _meta(setup, step, best_value))
             if step % save_every == 0 or step == setup.total_steps:
                 logger.flush()
                 checkpoint.save(cfg.run.dir, LAST_TAG, _checkpoint_tree(state, ref_params), step,

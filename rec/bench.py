@@ -112,7 +112,8 @@ def beam_search_flops(shape, prompt_len: int, beams: int, fed_steps: int) -> flo
     return prefill + decode
 
 
-def _device_facts() -> dict:
+def device_facts() -> dict:
+    """Device kind, platform, device count, jax version and date (plus CPU load on CPU) for a bench result."""
     import jax
 
     device = jax.devices()[0]
@@ -141,7 +142,16 @@ def _dtype(name: str):
     return {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[name]
 
 
-def _random_params(shape, dtype, mesh, seed: int = 0):
+def require_batch_divisible(batch: int, mesh) -> None:
+    """RecError when a bench's --batch does not split over the mesh's batch-axis devices."""
+    from rec import dist
+
+    if batch % dist.batch_divisor(mesh):
+        raise RecError(f"--batch {batch} must be a multiple of the {dist.batch_divisor(mesh)} devices")
+
+
+def random_params(shape, dtype, mesh, seed: int = 0):
+    """Random Qwen2 parameters of `shape` initialised directly into their sharded layout on `mesh`."""
     import functools
 
     import jax
@@ -206,10 +216,9 @@ def bench_eval(args) -> dict:
         batches.append((ids, mask))
 
     mesh = dist.make_mesh("auto")
-    if batch % dist.batch_divisor(mesh):
-        raise RecError(f"--batch {batch} must be a multiple of the {dist.batch_divisor(mesh)} devices")
+    require_batch_divisible(batch, mesh)
     dtype = _dtype(args.dtype)
-    params = _random_params(shape, dtype, mesh)
+    params = random_params(shape, dtype, mesh)
 
     def call(ids, mask):
         g_ids, g_mask = dist.shard_batch((ids, mask), mesh)
@@ -233,7 +242,7 @@ def bench_eval(args) -> dict:
                 if "".join(id_to_sid_token.get(int(t), "?") for t in beam if t >= 0) not in valid:
                     invalid += 1
     samples_per_s = batch * iters / elapsed
-    facts = _device_facts()
+    facts = device_facts()
     flops = beam_search_flops(shape, float(np.mean(lengths)), beams, trie.num_steps - 1)
     result = {
         "bench": "eval",
@@ -284,10 +293,9 @@ def bench_sft(args) -> dict:
     if args.shape == "tiny":
         shape = shape_with_vocab(shape, QWEN_BASE_VOCAB + 600)  # Qwen vocabulary + an Office-sized SID set
     mesh = dist.make_mesh("auto")
-    if batch % dist.batch_divisor(mesh):
-        raise RecError(f"--batch {batch} must be a multiple of the {dist.batch_divisor(mesh)} devices")
+    require_batch_divisible(batch, mesh)
     dtype = _dtype(args.dtype)
-    params = _random_params(shape, dtype, mesh)
+    params = random_params(shape, dtype, mesh)
     optimizer = make_optimizer(TrainConfig(steps=iters + 1, warmup_steps=1), iters + 1)
     state = init_state(params, optimizer.tx, 0, mesh)
     step = make_train_step(make_sft_loss(shape, compute_dtype=args.dtype, remat=True), optimizer, mesh=mesh)
@@ -311,7 +319,7 @@ def bench_sft(args) -> dict:
     jax.block_until_ready(metrics)
     elapsed = time.perf_counter() - start
     tokens_per_s = batch * seq_len * iters / elapsed
-    facts = _device_facts()
+    facts = device_facts()
     result = {
         "bench": "sft",
         "shape": args.shape,

@@ -128,6 +128,21 @@ def load_model_and_tokenizer(cfg: Config, catalogue=None, stage: str = "sft", me
     return shape, params, tokenizer
 
 
+def eos_and_pad_ids(tok, cfg: Config) -> tuple[int, int]:
+    """(EOS id, pad id) of the tokenizer, pad falling back to EOS; RecError when it has no EOS."""
+    eos_id = tok.eos_token_id
+    if eos_id is None:
+        raise RecError(f"{cfg.model.path or cfg.model.tokenizer}: the tokenizer has no EOS token")
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else eos_id
+    return eos_id, pad_id
+
+
+def check_eval_batch_divisible(cfg: Config, divisor: int) -> None:
+    """RecError when eval.batch_size does not split over the `divisor` batch-axis devices."""
+    if cfg.eval.batch_size % divisor:
+        raise RecError(f"config: 'eval.batch_size' ({cfg.eval.batch_size}) must be a multiple of {divisor} devices")
+
+
 def save_tokenizer(tokenizer, run_dir: str) -> str:
     """Write the tokenizer files to run_dir/tokenizer/ (each file atomically; primary only)."""
     target = storage.join(run_dir, "tokenizer")

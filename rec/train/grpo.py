@@ -139,7 +139,7 @@ def _tokenize(tok, problems, max_prompt_len):
 
 def _prepare(cfg, mesh, fast: dict[str, bool]):
     from rec.dist import batch_divisor
-    from rec.train.common import load_model_and_tokenizer
+    from rec.train.common import check_eval_batch_divisible, eos_and_pad_ids, load_model_and_tokenizer
 
     train_problems, eval_problems = load_problems(cfg)
     micro = cfg.train.micro_batch_size or cfg.train.batch_size
@@ -149,13 +149,10 @@ def _prepare(cfg, mesh, fast: dict[str, bool]):
             f"config: sequences per rollout/micro-batch ({micro} questions x {cfg.grpo.generations} samples) must "
             f"be a multiple of the {divisor} devices on the batch axes of mesh '{cfg.mesh.shape}'"
         )
-    if eval_problems and cfg.eval.batch_size % divisor:
-        raise RecError(f"config: 'eval.batch_size' ({cfg.eval.batch_size}) must be a multiple of {divisor} devices")
+    if eval_problems:
+        check_eval_batch_divisible(cfg, divisor)
     shape, params, tok = load_model_and_tokenizer(cfg, None, STAGE, mesh=mesh)
-    eos_id = tok.eos_token_id
-    if eos_id is None:
-        raise RecError(f"{cfg.model.path or cfg.model.tokenizer}: the tokenizer has no EOS token")
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else eos_id
+    eos_id, pad_id = eos_and_pad_ids(tok, cfg)
     train_ids = _tokenize(tok, train_problems, cfg.grpo.max_prompt_len)
     eval_ids = _tokenize(tok, eval_problems, cfg.grpo.max_prompt_len)
     width = prompt_width([len(t) for t in train_ids + eval_ids], cfg.grpo.max_prompt_len)
@@ -397,7 +394,7 @@ def bench_rollout(args) -> dict:
     variables, on when unset). Random weights almost never sample EOS, so every row generates
     `--gen-len` tokens. One warm-up call (compile_s), then `--iters` timed calls."""
     from rec import dist
-    from rec.bench import QWEN_BASE_VOCAB, QWEN_EOS_ID, _device_facts, _random_params
+    from rec.bench import QWEN_BASE_VOCAB, QWEN_EOS_ID, device_facts, random_params, require_batch_divisible
     from rec.decode import sampling
     from rec.model.qwen2 import get_shape, shape_with_vocab
 
@@ -409,14 +406,13 @@ def bench_rollout(args) -> dict:
     if args.shape == "tiny":
         shape = shape_with_vocab(shape, QWEN_BASE_VOCAB)
     mesh = dist.make_mesh("auto")
-    if batch % dist.batch_divisor(mesh):
-        raise RecError(f"--batch {batch} must be a multiple of the {dist.batch_divisor(mesh)} devices")
+    require_batch_divisible(batch, mesh)
     if args.fast == "auto":
         fast_generate, fast_attention = sampling.rollout_fast_paths("auto", "auto")
     else:
         fast_generate = fast_attention = args.fast == "on"
     dtype = COMPUTE_DTYPES[args.dtype]
-    params = _random_params(shape, dtype, mesh)
+    params = random_params(shape, dtype, mesh)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, QWEN_EOS_ID - 1, size=(batch, args.prompt_len)).astype(np.int32)
     g_ids, g_mask = dist.shard_batch((ids, np.ones_like(ids)), mesh)
@@ -451,5 +447,5 @@ def bench_rollout(args) -> dict:
         "fast_generate": fast_generate,
         "fast_decode_attention": fast_attention,
         "dtype": args.dtype,
-        **_device_facts(),
+        **device_facts(),
     }

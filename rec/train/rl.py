@@ -213,7 +213,7 @@ def _prepare(cfg, mesh):
     from rec.decode.trie import trie_from_sids
     from rec.dist import batch_divisor
     from rec.tokenizer import newline_id
-    from rec.train.common import load_model_and_tokenizer
+    from rec.train.common import check_eval_batch_divisible, eos_and_pad_ids, load_model_and_tokenizer
 
     rl, train = cfg.rl, cfg.train
     catalogue = load_catalogue(cfg.data.dir)
@@ -237,14 +237,11 @@ def _prepare(cfg, mesh):
             f"config: prompts per rollout/micro-batch ({micro}: train.micro_batch_size, or train.batch_size when 0) "
             f"must be a multiple of the {divisor} devices on the batch axes of mesh '{cfg.mesh.shape}'"
         )
-    if valid_rows and cfg.eval.batch_size % divisor:
-        raise RecError(f"config: 'eval.batch_size' ({cfg.eval.batch_size}) must be a multiple of {divisor} devices")
+    if valid_rows:
+        check_eval_batch_divisible(cfg, divisor)
 
     shape, params, tok = load_model_and_tokenizer(cfg, catalogue, STAGE, mesh=mesh)
-    eos_id = tok.eos_token_id
-    if eos_id is None:
-        raise RecError(f"{cfg.model.path or cfg.model.tokenizer}: the tokenizer has no EOS token")
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else eos_id
+    eos_id, pad_id = eos_and_pad_ids(tok, cfg)
     nl_id = newline_id(tok)
     trie = trie_from_sids(catalogue.all_sids, tok, nl_id, eos_id)
     if rl.generations > trie.num_sids:
@@ -556,8 +553,9 @@ def bench_rl(args) -> dict:
         QWEN_BASE_VOCAB,
         QWEN_EOS_ID,
         QWEN_NEWLINE_ID,
-        _device_facts,
-        _random_params,
+        device_facts,
+        random_params,
+        require_batch_divisible,
         synthetic_prompt_ids,
     )
     from rec.config import load_config
@@ -593,8 +591,7 @@ def bench_rl(args) -> dict:
     targets = [r.item_sid for r in rows]
     width = int(math.ceil(max(len(p) for p in prompt_lists) / 16) * 16)  # one padded length: one compile
     mesh = dist.make_mesh("auto")
-    if batch % dist.batch_divisor(mesh):
-        raise RecError(f"--batch {batch} must be a multiple of the {dist.batch_divisor(mesh)} devices")
+    require_batch_divisible(batch, mesh)
     fast = args.fast == "on" or (args.fast == "auto" and _env_fast_attention())
     cfg = load_config(None, [f"train.batch_size={batch}", f"train.steps={iters + 1}", "train.lr=1.0e-5",
                              "train.warmup_steps=1", f"rl.generations={beams}", f"model.compute_dtype={args.dtype}",
@@ -605,7 +602,7 @@ def bench_rl(args) -> dict:
         compute_dtype=COMPUTE_DTYPES[args.dtype], micro_prompts=batch, total_steps=iters + 1,
         id_to_token={i: t for t, i in sid_ids.items()}, decode_attention="fast" if fast else "plain",
     )
-    params = _random_params(shape, jnp.float32, mesh)
+    params = random_params(shape, jnp.float32, mesh)
     optimizer = make_optimizer(cfg.train, setup.total_steps)
     param_sh = jax.tree.map(lambda p: p.sharding, params)
     state = init_state(params, optimizer.tx, 0, mesh)
@@ -648,7 +645,7 @@ def bench_rl(args) -> dict:
         "vocab": shape.vocab_size,
         "dtype": args.dtype,
         "param_dtype": "float32",
-        **_device_facts(),
+        **device_facts(),
     }
 
 

@@ -10,8 +10,6 @@ Rows are file line numbers (CSV header = line 1) or the item id key for JSON fil
 
 from __future__ import annotations
 
-import json
-
 from rec import storage
 from rec.data.dataset import (
     INDEX_FILE,
@@ -53,10 +51,8 @@ class _Problems:
 
 def _load_json(path: str, problems: _Problems):
     try:
-        return json.loads(storage.read_text(path))
-    except json.JSONDecodeError as exc:
-        problems.add(f"{path}:{exc.lineno}", f"not valid JSON ({exc.msg})")
-    except RecError as exc:  # already "file: message"
+        return storage.read_json(path)
+    except RecError as exc:  # already "file[:line]: message"
         problems.add_line(str(exc))
     return None
 

@@ -287,10 +287,7 @@ def read_split(directory: str, split: str, limit: int = -1) -> list[Row]:
 
 
 def _load_json(path: str) -> object:
-    try:
-        return json.loads(storage.read_text(path))
-    except json.JSONDecodeError as exc:
-        raise RecError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    return storage.read_json(path)
 
 
 def parse_info_line(line: str) -> tuple[tuple[str, str, int] | None, str | None]:

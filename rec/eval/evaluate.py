@@ -139,9 +139,9 @@ def _read_summary(path: str) -> dict:
     if not storage.exists(path):
         return {}
     try:
-        existing = json.loads(storage.read_text(path))
-    except json.JSONDecodeError as exc:
-        raise RecError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); fix or remove it") from None
+        existing = storage.read_json(path)
+    except RecError as exc:
+        raise RecError(f"{exc}; fix or remove it") from None
     if not isinstance(existing, dict):
         raise RecError(f"{path}: expected a JSON object")
     return existing

@@ -124,10 +124,7 @@ def read_valid_sids(info_path_or_dataset_dir: str) -> set[str]:
 def read_predictions(path: str) -> list[dict]:
     if not storage.exists(path):
         raise RecError(f"{path}: predictions file not found")
-    try:
-        data = json.loads(storage.read_text(path))
-    except json.JSONDecodeError as exc:
-        raise RecError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    data = storage.read_json(path)
     if not isinstance(data, list):
         raise RecError(f"{path}: expected a JSON list of {{input, output, predict}} objects")
     return data

@@ -35,10 +35,7 @@ _KS = (1, 3, 5, 10, 20, 50)
 
 
 def _read_json(path: str):
-    try:
-        return json.loads(storage.read_text(path))
-    except json.JSONDecodeError as exc:
-        raise RecError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    return storage.read_json(path)
 
 
 def read_metrics_jsonl(path: str) -> list[dict]:

@@ -106,6 +106,16 @@ def read_text(path: str) -> str:
         raise RecError(f"{path}: not UTF-8 text (byte {exc.start})") from None
 
 
+def read_json(path: str):
+    """Parse a JSON file; invalid JSON is a RecError naming `path:line`."""
+    import json
+
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as exc:
+        raise RecError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+
+
 def write_bytes(path: str, data: bytes) -> None:
     """Write a whole file atomically (no partial file is ever visible under `path`)."""
     if is_gcs(path):

@@ -54,6 +54,11 @@ class DataConfig:
     split: str = "test"  # split evaluated by `rec eval`: test | valid
     train_split: str = "train"  # split used for training rows (valid when train.csv is not available)
     valid_split: str = "valid"  # split used for validation loss / periodic RL validation
+    # Build training rows from an earlier split (e.g. "valid" when there is no train.csv): every row
+    # plus every prefix window of its history, de-duplicated (rec/data/windows.py). "" = train_split.
+    # Must differ from `split`. Then model selection uses the held-out slice below, not valid_split.
+    train_from: str = ""
+    select_fraction: float = 0.1  # with train_from: the last fraction of its rows, held out for selection
     category: str = ""  # phrase used in prompts; "" = derived from the directory name
     max_len: int = 512  # left truncation of SFT sequences
     # SFT task mixture, upstream names: sid_next (SidSFTDataset), sid_item_feat (SidItemFeatDataset),
@@ -70,6 +75,9 @@ class DataConfig:
 class MeshConfig:
     # "auto": all devices on fsdp (full-device FSDP measured fastest on v6e-16), or "D,F,T" with -1 = fill.
     shape: str = "auto"
+    # Memory per chip in GiB for the pre-flight estimate; 0 = ask the device (TPU/GPU report it;
+    # on CPU nothing is refused). Set it to check a config for a slice you are not on.
+    memory_per_chip_gib: float = 0.0
 
 
 @dataclass
@@ -92,8 +100,14 @@ class TrainConfig:
     eval_every: int = 0  # steps between validations; 0 = every 5% of the run
     eval_limit: int = -1  # validation rows used (-1 = all)
     early_stopping_patience: int = 3  # validations without improvement before stopping; 0 = never
-    save_every: int = 0  # steps between sft_last/rl_last checkpoints; 0 = at each validation
     log_every: int = 1
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # steps between resumable checkpoints (sft_last/rl_last/grpo_last); 0 = at each validation
+    keep: int = 2  # newest steps kept of each resumable tag (the best-model tags keep one)
+    async_save: bool = True  # write in the background while training continues
 
 
 @dataclass
@@ -102,7 +116,7 @@ class EvalConfig:
     batch_size: int = 8  # prompts per decode call
     topk: list[int] = field(default_factory=lambda: [1, 3, 5, 10, 20, 50])
     limit: int = -1  # evaluate only the first N rows (-1 = all rows of the split)
-    prompt: str = "eval"  # eval: upstream evaluate.py wording; sft: the SFT next-SID wording
+    prompt: str = "eval"  # eval: upstream evaluate.py wording; sft: the SFT next-SID wording; compact: sid_next_compact
 
 
 @dataclass
@@ -152,6 +166,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
@@ -290,7 +305,7 @@ def validate(cfg: Config) -> None:
         "model.param_dtype": (cfg.model.param_dtype, {"float32", "bfloat16"}),
         "model.compute_dtype": (cfg.model.compute_dtype, {"float32", "bfloat16"}),
         "train.schedule": (cfg.train.schedule, {"linear", "cosine", "constant"}),
-        "eval.prompt": (cfg.eval.prompt, {"eval", "sft"}),
+        "eval.prompt": (cfg.eval.prompt, {"eval", "sft", "compact"}),
         "rl.reward": (cfg.rl.reward, {"rule", "ranking", "ranking_only"}),
         "grpo.estimator": (cfg.grpo.estimator, {"grpo", "rloo"}),
         "grpo.fast_generate": (cfg.grpo.fast_generate, {"auto", "on", "off"}),
@@ -307,11 +322,18 @@ def validate(cfg: Config) -> None:
         "rl.generations": cfg.rl.generations,
         "grpo.generations": cfg.grpo.generations,
         "grpo.max_new_tokens": cfg.grpo.max_new_tokens,
+        "checkpoint.keep": cfg.checkpoint.keep,
     }
     for key, value in positive.items():
         if value <= 0:
             raise RecError(f"config: '{key}' must be positive, got {value}")
-    for key, value in {"train.steps": cfg.train.steps, "train.micro_batch_size": cfg.train.micro_batch_size}.items():
+    non_negative = {
+        "train.steps": cfg.train.steps,
+        "train.micro_batch_size": cfg.train.micro_batch_size,
+        "checkpoint.every_steps": cfg.checkpoint.every_steps,
+        "mesh.memory_per_chip_gib": cfg.mesh.memory_per_chip_gib,
+    }
+    for key, value in non_negative.items():
         if value < 0:
             raise RecError(f"config: '{key}' must be >= 0, got {value}")
     if cfg.train.micro_batch_size and cfg.train.batch_size % cfg.train.micro_batch_size:
@@ -323,6 +345,11 @@ def validate(cfg: Config) -> None:
         raise RecError(f"config: 'grpo.top_p' must be in (0, 1], got {cfg.grpo.top_p}")
     if cfg.train.lr < 0:
         raise RecError(f"config: 'train.lr' must be >= 0, got {cfg.train.lr}")
+    if not 0.0 <= cfg.data.select_fraction < 1.0:
+        raise RecError(f"config: 'data.select_fraction' must be in [0, 1), got {cfg.data.select_fraction}")
+    from rec.data.windows import check_train_from  # noqa: PLC0415
+
+    check_train_from(cfg.data)
 
 
 def to_dict(cfg: Config) -> dict:

@@ -56,30 +56,34 @@ def test_spec_fallback_replicates_indivisible_dims():
 
 
 def test_init_distributed_env_checks(monkeypatch):
-    for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "TPU_WORKER_HOSTNAMES"):
+    for key in dist.ENV_NAMES:
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setattr(dist, "_INITIALISED", False)
     assert dist.expected_process_count() == 1
     assert dist.expected_process_count({"TPU_WORKER_HOSTNAMES": "h0,h1,h2,h3"}) == 4
     assert dist.expected_process_count({"TPU_WORKER_HOSTNAMES": "h0"}) == 1
-    with pytest.raises(RecError, match="JAX_NUM_PROCESSES"):
-        dist.expected_process_count({"JAX_NUM_PROCESSES": "two"})
-    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1234")
-    with pytest.raises(RecError, match="missing JAX_NUM_PROCESSES, JAX_PROCESS_ID"):
+    assert dist.expected_process_count({"REC_NUM_PROCESSES": "3"}) == 3
+    assert dist.expected_process_count({"JAX_NUM_PROCESSES": "2"}) == 2  # the JAX spelling works too
+    with pytest.raises(RecError, match="REC_NUM_PROCESSES='two'"):
+        dist.expected_process_count({"REC_NUM_PROCESSES": "two"})
+    monkeypatch.setenv("REC_COORDINATOR_ADDRESS", "127.0.0.1:1234")
+    with pytest.raises(RecError, match="missing REC_NUM_PROCESSES, REC_PROCESS_ID"):
         dist.init_distributed()
-    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
-    monkeypatch.setenv("JAX_PROCESS_ID", "5")
-    with pytest.raises(RecError, match="outside 0..1"):
+    monkeypatch.setenv("REC_NUM_PROCESSES", "2")
+    monkeypatch.setenv("REC_PROCESS_ID", "5")
+    with pytest.raises(RecError, match="REC_PROCESS_ID=5 is outside 0..1"):
+        dist.init_distributed()
+    monkeypatch.setenv("REC_PROCESS_ID", "-1")
+    with pytest.raises(RecError, match="REC_PROCESS_ID='-1' must be an integer >= 0"):
         dist.init_distributed()
     # One process promised, one present: nothing to join, no error.
-    monkeypatch.setenv("JAX_NUM_PROCESSES", "1")
-    monkeypatch.setenv("JAX_PROCESS_ID", "0")
+    monkeypatch.setenv("REC_NUM_PROCESSES", "1")
+    monkeypatch.setenv("REC_PROCESS_ID", "0")
     dist.init_distributed()
     monkeypatch.setattr(dist, "_INITIALISED", False)
     # A TPU slice of 4 hosts where JAX finds only this one: stop, do not run on 1/4 of the slice.
-    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS")
-    monkeypatch.delenv("JAX_NUM_PROCESSES")
-    monkeypatch.delenv("JAX_PROCESS_ID")
+    for key in ("REC_COORDINATOR_ADDRESS", "REC_NUM_PROCESSES", "REC_PROCESS_ID"):
+        monkeypatch.delenv(key)
     monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "h0,h1,h2,h3")
     monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: None)
     with pytest.raises(RecError, match="promised 4 processes but JAX sees 1"):

@@ -175,7 +175,7 @@ def test_grpo_resume_ends_in_the_same_state(tmp_path, synth_tokenizer_dir, clean
 
     def cfg(run_dir):
         return load_config(TINY_GRPO, [f"model.tokenizer={synth_tokenizer_dir}", f"run.dir={run_dir}",
-                                       "run.progress=false", "train.steps=2", "train.save_every=1",
+                                       "run.progress=false", "train.steps=2", "checkpoint.every_steps=1",
                                        "grpo.eval_limit=0", "grpo.max_new_tokens=6", "grpo.max_prompt_len=64",
                                        "train.lr=0.01"])
 
@@ -185,18 +185,18 @@ def test_grpo_resume_ends_in_the_same_state(tmp_path, synth_tokenizer_dir, clean
     class Killed(Exception):
         pass
 
-    real_save = checkpoint.save
+    real_save = checkpoint.Checkpointer.save
 
-    def save_then_die(run_dir, tag, state, step, meta=None):
-        path = real_save(run_dir, tag, state, step, meta)
+    def save_then_die(self, tag, state, step, meta=None, keep=1):
+        path = real_save(self, tag, state, step, meta, keep)
         if step == 1:
             raise Killed()
         return path
 
-    clean_env.setattr(checkpoint, "save", save_then_die)
+    clean_env.setattr(checkpoint.Checkpointer, "save", save_then_die)
     with pytest.raises(Killed):
         G.run_grpo(cfg(resumed))
-    clean_env.setattr(checkpoint, "save", real_save)
+    clean_env.setattr(checkpoint.Checkpointer, "save", real_save)
     G.run_grpo(cfg(resumed))
     a = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]

@@ -190,26 +190,26 @@ def test_rl_resume_ends_in_the_same_state(tmp_path, synth_tokenizer_dir, monkeyp
     from rec import checkpoint
 
     data_dir = _single_target_dataset(tmp_path)
-    extra = ["rl.eval_limit=0", "rl.best_metric=", "train.save_every=2", "train.lr=0.003", "rl.updates_per_batch=2"]
+    extra = ["rl.eval_limit=0", "rl.best_metric=", "checkpoint.every_steps=2", "train.lr=0.003", "rl.updates_per_batch=2"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     RL.run_rl(load_config(TINY_RL, _tiny_overrides(data_dir, synth_tokenizer_dir, straight, 4) + extra))
 
     class Killed(Exception):
         pass
 
-    real_save = checkpoint.save
+    real_save = checkpoint.Checkpointer.save
 
-    def save_then_die(run_dir, tag, state, step, meta=None):
-        path = real_save(run_dir, tag, state, step, meta)
+    def save_then_die(self, tag, state, step, meta=None, keep=1):
+        path = real_save(self, tag, state, step, meta, keep)
         if step == 2:
             raise Killed()
         return path
 
     cfg = load_config(TINY_RL, _tiny_overrides(data_dir, synth_tokenizer_dir, resumed, 4) + extra)
-    monkeypatch.setattr(checkpoint, "save", save_then_die)
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", save_then_die)
     with pytest.raises(Killed):
         RL.run_rl(cfg)
-    monkeypatch.setattr(checkpoint, "save", real_save)
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", real_save)
     assert checkpoint.latest_step(str(resumed), "rl_last") == 2
     RL.run_rl(cfg)
     assert checkpoint.latest_step(str(resumed), "rl_last") == 4

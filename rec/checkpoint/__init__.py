@@ -12,9 +12,12 @@ Layout of one checkpoint (an Orbax CheckpointManager step, finalised atomically)
   shards, so no artifact lives only on "the process-0 host". `gs://` paths go straight to GCS:
   arrays through tensorstore, directory operations through etils.epath, which needs `gcsfs`
   (in the `gcs` extra) when TensorFlow is absent. No local staging.
-- One step is kept per tag (`max_to_keep=1`): `sft_best` moves when validation improves,
-  `sft_last`/`rl_last` at each save. A step that was not finalised (killed mid-save) is invisible
-  to `latest_step` and cleaned up by Orbax.
+- Training writes through a `Checkpointer`: one open Orbax manager per tag, saves asynchronous
+  (`checkpoint.async_save`: the arrays are copied to host memory, then written by a background
+  thread while training continues). The resumable tags (`sft_last`, `rl_last`, `grpo_last`) keep
+  the newest `checkpoint.keep` steps; the named model tags (`sft_best`, `rl_best`) keep one. A
+  step that was not finalised (killed mid-save) is invisible to `latest_step` and its temporary
+  directory is removed by the next writer.
 - Parameters are their own item, so `load_params` reads them without the optimizer state
   (eval, export, RL initialisation).
 """
@@ -53,9 +56,15 @@ def _abs(path: str) -> str:
     return os.path.abspath(path)
 
 
-def _manager(directory: str, create: bool):
+def _manager(directory: str, create: bool, keep: int = 1, async_save: bool = False):
     ocp = _ocp()
-    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=create, enable_async_checkpointing=False)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        create=create,
+        enable_async_checkpointing=async_save,
+        # A writer removes the temporary directories of saves that never finished (a killed run).
+        cleanup_tmp_directories=create,
+    )
     # Handlers named up front: a fresh process (eval, export, RL init) can then read item metadata
     # and restore single items without having saved them first.
     handlers = {
@@ -83,28 +92,86 @@ def _from_items(restored: Any, names: tuple[str, ...]) -> dict:
     return values
 
 
-def save(run_dir: str, tag: str, state: Any, step: int, meta: dict | None = None) -> str:
-    """Write `state` (a TrainState or a dict of pytrees) as step `step` of `tag`; returns the path.
+def _save_args(state: Any, tag: str, step: int, meta: dict | None):
+    ocp = _ocp()
+    args = {name: ocp.args.StandardSave(value) for name, value in _as_items(state).items()}
+    args["meta"] = ocp.args.JsonSave(dict(meta or {}, step=step, tag=tag))
+    return ocp.args.Composite(**args)
+
+
+def save(run_dir: str, tag: str, state: Any, step: int, meta: dict | None = None, keep: int = 1) -> str:
+    """Write `state` (a TrainState or a dict of pytrees) as step `step` of `tag` and wait until it
+    is final; returns the path. (Training loops use the asynchronous `Checkpointer`.)
 
     Called by every process. `meta` must be JSON-serialisable. Saving a step that already exists
     for the tag is skipped (a resumed run reaching the same step holds the same state).
     """
-    ocp = _ocp()
-    directory = tag_dir(run_dir, tag)
-    manager = _manager(directory, create=True)
-    try:
+    with Checkpointer(run_dir, async_save=False) as writer:
+        return writer.save(tag, state, step, meta, keep=keep)
+
+
+class Checkpointer:
+    """The checkpoint writer of one run: an open Orbax manager per tag, asynchronous saves.
+
+    Every process creates one and calls `save` with the same arguments (each writes its own
+    shards; Orbax finalises the step once all have written). `save` returns once the arrays are
+    copied off the devices, so the caller may donate the state's buffers to the next step. A
+    new save of a tag first waits for the previous one. `close` (or leaving the `with` block)
+    waits for everything in flight.
+    """
+
+    def __init__(self, run_dir: str, async_save: bool = True):
+        self.run_dir = str(run_dir)
+        self.async_save = bool(async_save)
+        self._managers: dict[str, Any] = {}
+        self._saved: dict[str, int] = {}
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _manager_for(self, tag: str, keep: int):
+        if tag not in self._managers:
+            self._managers[tag] = _manager(tag_dir(self.run_dir, tag), create=True, keep=keep, async_save=self.async_save)
+        return self._managers[tag]
+
+    def save(self, tag: str, state: Any, step: int, meta: dict | None = None, keep: int = 1) -> str:
+        """Start writing `state` as step `step` of `tag`, keeping the newest `keep` steps of it."""
+        if keep < 1:
+            raise RecError(f"checkpoint.keep: must be >= 1, got {keep}")
+        manager = self._manager_for(tag, keep)
         step = int(step)
+        path = storage.join(tag_dir(self.run_dir, tag), str(step))
         if step in manager.all_steps():
             log.info("checkpoint %s step %d exists; not rewritten", tag, step)
-            return storage.join(directory, str(step))
-        items = _as_items(state)
-        args = {name: ocp.args.StandardSave(value) for name, value in items.items()}
-        args["meta"] = ocp.args.JsonSave(dict(meta or {}, step=step, tag=tag))
-        manager.save(step, args=ocp.args.Composite(**args), force=True)
-        manager.wait_until_finished()
-    finally:
-        manager.close()
-    return storage.join(directory, str(step))
+            return path
+        manager.save(step, args=_save_args(state, tag, step, meta), force=True)
+        self._saved[tag] = step
+        if not self.async_save:
+            manager.wait_until_finished()
+        return path
+
+    def last_saved(self, tag: str) -> int | None:
+        """The step most recently saved (or started) for `tag` by this writer, or the newest
+        finalised step on storage when this writer has not saved it yet."""
+        if tag in self._saved:
+            return self._saved[tag]
+        return latest_step(self.run_dir, tag)
+
+    def wait(self) -> None:
+        """Block until every save in flight is final."""
+        for manager in self._managers.values():
+            manager.wait_until_finished()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            for manager in self._managers.values():
+                manager.close()
+            self._managers.clear()
 
 
 def latest_step(run_dir: str, tag: str) -> int | None:

@@ -105,13 +105,33 @@ def cmd_bench(args):
 def cmd_baselines(args):
     from rec.eval.baselines import run_baselines
 
-    run_baselines(args.data, split=args.split, out=args.out)
+    if args.seeds < 0:
+        raise RecError(f"--seeds: expected >= 0, got {args.seeds}")
+    run_baselines(args.data, split=args.split, out=args.out, train_from=args.train_from,
+                  select_fraction=args.select_fraction, seeds=list(range(args.seeds)))
 
 
 def cmd_recipe(args):
-    from rec.recipe import write_recipe
+    from rec.recipe import run_recipe, write_recipe
 
-    print(write_recipe(args.name, args.out, data_dir=args.data))
+    if args.configs_only:
+        if args.overrides:
+            raise RecError("recipe: --set overrides apply to a run, not to --configs-only")
+        print(write_recipe(args.name, args.out or "configs/recipes/small-cpu", data_dir=args.data, seed=args.seed))
+        return
+    if args.baseline_seeds < 0:
+        raise RecError(f"--baseline-seeds: expected >= 0, got {args.baseline_seeds}")
+    run_recipe(args.name, args.data, args.out or "runs/small-cpu", seed=args.seed, overrides=args.overrides,
+               baseline_seeds=list(range(args.baseline_seeds)))
+
+
+def cmd_launch(args):
+    from rec.dist.launch import launch_local
+
+    rec_args = list(args.rec_args)
+    if rec_args[:1] == ["--"]:
+        rec_args = rec_args[1:]
+    return launch_local(rec_args, args.processes, args.cpu_devices, log_dir=args.log_dir or None)
 
 
 def cmd_handoff_publish(args):
@@ -198,17 +218,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.set_defaults(fn=cmd_bench)
 
-    p = sub.add_parser("baselines", help="Non-LLM baselines (popularity, item-to-item) on a dataset split")
+    p = sub.add_parser("baselines", help="Baselines (popularity, item-to-item, SASRec) on a dataset split; table + JSON")
     p.add_argument("--data", required=True)
     p.add_argument("--split", default="test")
-    p.add_argument("--out", default="")
+    p.add_argument("--out", default="", help="write the figures as JSON here")
+    p.add_argument("--train-from", default=None,
+                   help="split to build training rows from (with prefix windows); default: train when "
+                        "train.csv exists, else the split before --split")
+    p.add_argument("--select-fraction", type=float, default=0.1,
+                   help="last fraction of the training source held out for SASRec early stopping")
+    p.add_argument("--seeds", type=int, default=2, help="SASRec seeds 0..N-1 (0 = skip SASRec)")
     p.set_defaults(fn=cmd_baselines)
 
-    p = sub.add_parser("recipe", help="Write a ready set of configs for a named setting")
+    p = sub.add_parser("recipe", help="Run a whole named recipe (tokenizer -> SFT -> RL -> eval -> baselines -> report)")
     p.add_argument("name", choices=["small-cpu"])
-    p.add_argument("--out", default="configs/recipes/small-cpu")
-    p.add_argument("--data", default="", help="MiniOneRec dataset directory written into the configs")
+    p.add_argument("--data", default="", help="MiniOneRec dataset directory")
+    p.add_argument("--out", default="", help="run directory (default runs/small-cpu; with --configs-only: "
+                                              "configs/recipes/small-cpu)")
+    p.add_argument("--configs-only", action="store_true", help="only write the stage configs and a README")
+    p.add_argument("--seed", type=int, default=42, help="seed of the SFT/RL runs")
+    p.add_argument("--baseline-seeds", type=int, default=2, help="SASRec seeds 0..N-1 (0 = no SASRec)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE:key=value",
+                   help="a per-stage config override (repeat it), e.g. --set sft:train.steps=100 --set eval:eval.beams=20")
     p.set_defaults(fn=cmd_recipe)
+    p = sub.add_parser(
+        "launch",
+        help="Run a rec command as N local processes (a multi-host run on one machine)",
+        description="Run `rec ARGS...` as N local processes joined by jax.distributed, e.g. "
+        "rec launch -n 2 --cpu-devices 2 -- sft --config configs/tiny/sft.yaml",
+    )
+    p.add_argument("-n", "--processes", type=int, default=2)
+    p.add_argument("--cpu-devices", type=int, default=0, help="fake CPU devices per process (0 = use the real devices)")
+    p.add_argument("--log-dir", default="", help="also write each process's output to LOG_DIR/process_K.log")
+    p.add_argument("rec_args", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
+    p.set_defaults(fn=cmd_launch)
+
     p = sub.add_parser("handoff", help="Verified checkpoint handoff (no-clobber copy + MANIFEST.json)")
     hsub = p.add_subparsers(dest="handoff_command", metavar="ACTION")
     hsub.required = True
@@ -229,14 +273,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        args.fn(args)
+        code = args.fn(args)
     except RecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return 0
+    return int(code or 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

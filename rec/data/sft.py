@@ -59,6 +59,8 @@ def sft_prompts(catalogue: Catalogue, rows: Sequence[Row], tasks: Sequence[str],
     for task in tasks:
         if task == "sid_next":
             out += [P.sid_next(r.history_sids, r.item_sid) for r in rows]
+        elif task == "sid_next_compact":
+            out += [P.sid_next_compact(r.history_sids, r.item_sid) for r in rows]
         elif task == "sid_item_feat":
             out += [P.sid_to_title(sid, title) for sid, title in sid_to_title.items()]
             out += [P.title_to_sid(title, sid) for title, sid in title_to_sid.items()]
@@ -128,17 +130,19 @@ def build_sft_examples(tok, catalogue: Catalogue, rows: Sequence[Row], tasks: Se
     return tokenize_prompts(tok, sft_prompts(catalogue, rows, tasks, category, seed), max_len, progress)
 
 
-def build_valid_examples(tok, rows: Sequence[Row], max_len: int) -> list[Example]:
-    """Validation set (upstream): the next-SID task on the valid split."""
-    return tokenize_prompts(tok, [P.sid_next(r.history_sids, r.item_sid) for r in rows], max_len)
+def build_valid_examples(tok, rows: Sequence[Row], max_len: int, compact: bool = False) -> list[Example]:
+    """Validation set (upstream): the next-SID task on the valid split (`compact`: in the
+    `sid_next_compact` wording, for a mixture that trains only that one)."""
+    build = P.sid_next_compact if compact else P.sid_next
+    return tokenize_prompts(tok, [build(r.history_sids, r.item_sid) for r in rows], max_len)
 
 
 def eval_prompt_ids(tok, catalogue: Catalogue | None, rows: Sequence[Row], style: str = "eval") -> list[list[int]]:
     """Token ids of the eval prompts (header and body encoded separately; each ends with the
     tokens of "### Response:\\n"). style "eval" = upstream evaluate.py wording, "sft" = the SFT
     next-SID wording. With a catalogue, every history SID must be one of its SIDs."""
-    if style not in ("eval", "sft"):
-        raise RecError(f"eval.prompt: must be 'eval' or 'sft', got {style!r}")
+    if style not in ("eval", "sft", "compact"):
+        raise RecError(f"eval.prompt: must be 'eval', 'sft' or 'compact', got {style!r}")
     if catalogue is not None:
         known = catalogue.sid_to_ids
         for r in rows:
@@ -229,35 +233,47 @@ def plan_epoch(lengths: Sequence[int], batch_size: int, buckets: Sequence[int], 
     return [planned[i] for i in order]
 
 
-def collate(examples: Sequence[Example], plan: PlannedBatch, pad_id: int) -> dict[str, np.ndarray]:
-    """Arrays for one planned batch (left padded; over-long examples keep their last tokens)."""
-    rows = [examples[i] for i in plan.indices]
-    batch = left_pad([e.input_ids for e in rows], plan.length, pad_id)
-    labels = np.full((len(rows), plan.length), IGNORE, dtype=np.int32)
-    for i, e in enumerate(rows):
+def collate(examples: Sequence[Example], plan: PlannedBatch, pad_id: int, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Arrays for one planned batch (left padded; over-long examples keep their last tokens).
+
+    `rows` (positions inside the global batch, e.g. `rec.dist.process_rows`) materialises only
+    those rows: each process of a multi-host run builds just its part. `real_tokens` (a scalar)
+    counts the non-pad tokens of weighted rows of the WHOLE batch either way (for throughput).
+    """
+    lengths = np.minimum([len(examples[i]) for i in plan.indices], plan.length)
+    real_tokens = np.int64((lengths * (plan.weights > 0)).sum())
+    indices, weights = plan.indices, plan.weights
+    if rows is not None:
+        indices, weights = indices[rows], weights[rows]
+    picked = [examples[i] for i in indices]
+    batch = left_pad([e.input_ids for e in picked], plan.length, pad_id)
+    labels = np.full((len(picked), plan.length), IGNORE, dtype=np.int32)
+    for i, e in enumerate(picked):
         kept = e.labels[-plan.length :]
         labels[i, plan.length - kept.shape[0] :] = kept
     batch["labels"] = labels
-    batch["weights"] = plan.weights.copy()
+    batch["weights"] = weights.copy()
+    batch["real_tokens"] = real_tokens
     return batch
 
 
 def bucketed_batches(examples: Sequence[Example], batch_size: int, buckets: Sequence[int], seed: int, epoch: int,
-                     pad_id: int, start_batch: int = 0) -> Iterator[dict[str, np.ndarray]]:
+                     pad_id: int, start_batch: int = 0, rows: np.ndarray | None = None) -> Iterator[dict[str, np.ndarray]]:
     """One epoch of fixed-shape batches, starting at batch `start_batch` (resume)."""
     plan = plan_epoch([len(e) for e in examples], batch_size, buckets, seed, epoch)
     for planned in plan[start_batch:]:
-        yield collate(examples, planned, pad_id)
+        yield collate(examples, planned, pad_id, rows)
 
 
 def batch_stream(examples: Sequence[Example], batch_size: int, buckets: Sequence[int], seed: int, pad_id: int,
-                 start: tuple[int, int] = (0, 0)) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
+                 start: tuple[int, int] = (0, 0), rows: np.ndarray | None = None) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
     """Endless (epoch, batch_index, batch) from position `start` = (epoch, batch_index); the
-    position to save after consuming a batch is (epoch, batch_index + 1)."""
+    position to save after consuming a batch is (epoch, batch_index + 1). The global order
+    depends only on (examples, batch_size, buckets, seed), never on the number of processes."""
     epoch, index = start
     lengths = [len(e) for e in examples]
     while True:
         plan = plan_epoch(lengths, batch_size, buckets, seed, epoch)
         for i in range(index, len(plan)):
-            yield epoch, i, collate(examples, plan[i], pad_id)
+            yield epoch, i, collate(examples, plan[i], pad_id, rows)
         epoch, index = epoch + 1, 0

@@ -4,7 +4,7 @@ One code path serves a laptop (1 process, 1 CPU device), a test (N local process
 devices) and a GKE TPU slice (one process per host). The rules:
 
 - `init_distributed()` joins a multi-process run only when the environment says there is one
-  (explicit `JAX_COORDINATOR_ADDRESS`/`JAX_NUM_PROCESSES`/`JAX_PROCESS_ID`, or a multi-host TPU
+  (explicit `REC_COORDINATOR_ADDRESS`/`REC_NUM_PROCESSES`/`REC_PROCESS_ID`, or a multi-host TPU
   slice that lists its workers in `TPU_WORKER_HOSTNAMES`). Calling `jax.distributed.initialize()`
   unconditionally hangs a lone worker of a multi-host slice, so we never guess; and if fewer
   processes turn up than promised we stop with a `RecError` instead of silently running on one host.
@@ -46,22 +46,36 @@ _INITIALISED = False
 # Processes
 
 
-def _env_int(name: str) -> int:
-    raw = os.environ.get(name, "").strip()
-    try:
-        return int(raw)
-    except ValueError:
-        raise RecError(f"environment: {name}={raw!r} is not an integer") from None
+# The variables of an explicit multi-process run, ours first. The JAX_* spellings (what
+# `jax.distributed` itself documents) are accepted as well; one family must be used whole.
+ENV_FAMILIES = (
+    ("REC_COORDINATOR_ADDRESS", "REC_NUM_PROCESSES", "REC_PROCESS_ID"),
+    ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"),
+)
+ENV_NAMES = tuple(name for family in ENV_FAMILIES for name in family) + ("TPU_WORKER_HOSTNAMES",)
+
+
+def _env_family(env) -> tuple[str, str, str] | None:
+    """The (address, count, id) variable names the environment uses, or None."""
+    for family in ENV_FAMILIES:
+        if any(env.get(k, "").strip() for k in family):
+            return family
+    return None
+
+
+def _positive_int(env, name: str, minimum: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw.lstrip("-").isdigit() or int(raw) < minimum:
+        raise RecError(f"environment: {name}={raw!r} must be an integer >= {minimum}")
+    return int(raw)
 
 
 def expected_process_count(env: dict[str, str] | None = None) -> int:
     """How many processes the environment promises (1 when it says nothing)."""
     env = os.environ if env is None else env
-    if env.get("JAX_NUM_PROCESSES", "").strip():
-        raw = env["JAX_NUM_PROCESSES"].strip()
-        if not raw.isdigit() or int(raw) < 1:
-            raise RecError(f"environment: JAX_NUM_PROCESSES={raw!r} must be a positive integer")
-        return int(raw)
+    family = _env_family(env)
+    if family and env.get(family[1], "").strip():
+        return _positive_int(env, family[1], 1)
     hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
     return max(1, len(hosts))
 
@@ -69,30 +83,27 @@ def expected_process_count(env: dict[str, str] | None = None) -> int:
 def init_distributed() -> None:
     """Join the multi-process run the environment describes; a no-op for a single process.
 
-    Explicit variables win: JAX_COORDINATOR_ADDRESS (host or host:port), JAX_NUM_PROCESSES and
-    JAX_PROCESS_ID must then all be set. Otherwise a TPU slice whose TPU_WORKER_HOSTNAMES lists
-    more than one host uses JAX's TPU auto-detection. Afterwards the process count is checked
-    against what the environment promised.
+    Explicit variables win: REC_COORDINATOR_ADDRESS (host or host:port), REC_NUM_PROCESSES and
+    REC_PROCESS_ID (or the same three with a JAX_ prefix) must then all be set. Otherwise a TPU
+    slice whose TPU_WORKER_HOSTNAMES lists more than one host uses JAX's TPU auto-detection.
+    Afterwards the process count is checked against what the environment promised.
     """
     global _INITIALISED
     if _INITIALISED:
         return
-    explicit = {
-        k: os.environ.get(k, "").strip()
-        for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
-    }
+    env = os.environ
+    family = _env_family(env)
     expected = expected_process_count()
-    if any(explicit.values()):
-        missing = [k for k, v in explicit.items() if not v]
+    if family:
+        missing = [k for k in family if not env.get(k, "").strip()]
         if missing:
             raise RecError(
-                f"environment: multi-process run needs JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and "
-                f"JAX_PROCESS_ID; missing {', '.join(missing)}"
+                f"environment: a multi-process run needs {', '.join(family)}; missing {', '.join(missing)}"
             )
-        process_id = _env_int("JAX_PROCESS_ID")
+        process_id = _positive_int(env, family[2], 0)
         if not 0 <= process_id < expected:
-            raise RecError(f"environment: JAX_PROCESS_ID={process_id} is outside 0..{expected - 1}")
-        address = explicit["JAX_COORDINATOR_ADDRESS"]
+            raise RecError(f"environment: {family[2]}={process_id} is outside 0..{expected - 1}")
+        address = env[family[0]].strip()
         if ":" not in address:
             address = f"{address}:{DEFAULT_COORDINATOR_PORT}"
         if expected > 1:

@@ -172,3 +172,49 @@ def prepare_run_dir(cfg: Config, stage: str, extra: dict | None = None, tokenize
     storage.write_text(storage.join(cfg.run.dir, f"config.{stage}.yaml"), text)
     if tokenizer is not None:
         save_tokenizer(tokenizer, cfg.run.dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the rollout trainers (recommendation RL, GSM8K GRPO) share
+
+
+def rollout_checkpoint_tree(state, ref_params) -> dict:
+    """The resumable tree of a rollout trainer: the train state plus the reference parameters
+    (absent when the stage has no KL reference)."""
+    tree = state.as_dict()
+    if ref_params is not None:
+        tree["ref_params"] = ref_params
+    return tree
+
+
+def resume_rollout_state(cfg: Config, tag: str, state, ref_params, tx, mesh):
+    """(state, ref_params, meta) from the newest finalised step of `tag` when `run.resume` and one
+    exists; otherwise the given values and meta None. Restored straight onto the live layout."""
+    from rec.train.state import abstract_state
+
+    step = checkpoint.latest_step(cfg.run.dir, tag) if cfg.run.resume else None
+    if step is None:
+        return state, ref_params, None
+    param_sh = jax.tree.map(lambda p: p.sharding, state.params)
+    abstract = abstract_state(state.params, param_sh, tx, mesh, cfg.run.seed)
+    abstract_ref = None
+    if ref_params is not None:
+        abstract_ref = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=p.sharding), ref_params)
+    values, meta = checkpoint.restore(cfg.run.dir, tag, rollout_checkpoint_tree(abstract, abstract_ref), step)
+    restored_ref = values.pop("ref_params", None)
+    return type(state).from_dict(values), restored_ref, meta
+
+
+def check_rollout_memory(cfg: Config, state, shape, mesh, micro_prompts: int, group: int, seq_len: int,
+                         batch_key: str = "train.micro_batch_size") -> None:
+    """Pre-flight memory check of a rollout trainer: micro-batches of `micro_prompts` x `group`
+    sequences of `seq_len` tokens, plus the KV cache of one rollout call of the same rows."""
+    from rec.train.memory import check_fits, estimate
+
+    rows = micro_prompts * group
+    per_chip_rows = -(-rows // dist.batch_divisor(mesh))
+    kv_cache = (2 * shape.num_layers * per_chip_rows * seq_len * shape.num_kv_heads * shape.head_dim
+                * jnp.dtype(cfg.model.compute_dtype).itemsize)
+    est = estimate(state, shape, mesh, rows, seq_len, cfg.model.compute_dtype, cfg.model.remat,
+                   extra_bytes=kv_cache, configured_gib=cfg.mesh.memory_per_chip_gib)
+    check_fits(est, batch_key, micro_prompts, "data.max_len", seq_len)

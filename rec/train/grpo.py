@@ -25,7 +25,7 @@ The resolved settings are printed at start and written under `resolved:` in the 
 Eval: greedy decoding on the first `grpo.eval_limit` problems of `grpo.eval_split` every
 `grpo.eval_every` steps (0 = only at the end); accuracy and format rate go to metrics.jsonl and
 `run_summary.json` (`eval/gsm8k_accuracy`, `eval/gsm8k_format_rate`, `eval/num_samples`).
-Checkpoints: `grpo_last` every `train.save_every` steps (0 = at each eval) and at the end; resumable
+Checkpoints: `grpo_last` every `checkpoint.every_steps` steps (0 = at each eval) and at the end; resumable
 (the sampling RNG lives in the checkpointed train state).
 """
 
@@ -241,22 +241,15 @@ def _meta(setup: _Setup, step: int) -> dict:
     return {"model_config": setup.shape.to_hf_config(setup.cfg.model.param_dtype), "stage": STAGE, "step": int(step)}
 
 
-def _checkpoint_tree(state, ref_params) -> dict:
-    tree = state.as_dict()
-    if ref_params is not None:
-        tree["ref_params"] = ref_params
-    return tree
-
-
 def run_grpo(cfg) -> dict:
     """Run GSM8K GRPO as configured; returns the figures merged into run_summary.json."""
     from rec import checkpoint
     from rec.dist import init_distributed, is_primary, make_mesh, shard_batch
-    from rec.train.common import prepare_run_dir
+    from rec.train.common import check_rollout_memory, prepare_run_dir, resume_rollout_state, rollout_checkpoint_tree
     from rec.train.logging import MetricsLogger, merge_run_summary
     from rec.train.loop import make_train_step
     from rec.train.optim import make_optimizer
-    from rec.train.state import abstract_state, init_state, state_shardings
+    from rec.train.state import init_state, state_shardings
 
     check_grpo_config(cfg)
     init_distributed()
@@ -284,17 +277,12 @@ def run_grpo(cfg) -> dict:
         ref_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=param_sh)(params)
     del params
 
-    resume_step = checkpoint.latest_step(cfg.run.dir, LAST_TAG) if cfg.run.resume else None
-    if resume_step is not None:
-        abstract = abstract_state(state.params, param_sh, optimizer.tx, mesh, cfg.run.seed)
-        abstract_ref = None if ref_params is None else jax.tree.map(
-            lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=p.sharding), ref_params)
-        values, _ = checkpoint.restore(cfg.run.dir, LAST_TAG, _checkpoint_tree(abstract, abstract_ref))
-        ref_params = values.pop("ref_params", None)
-        state = type(state).from_dict(values)
+    state, ref_params, meta = resume_rollout_state(cfg, LAST_TAG, state, ref_params, optimizer.tx, mesh)
+    if meta is not None:
         if is_primary():
             print(f"grpo: resuming from {LAST_TAG} step {int(state.step)}", file=sys.stderr)
 
+    check_rollout_memory(cfg, state, setup.shape, mesh, setup.micro_prompts, group, setup.width + g.max_new_tokens)
     prepare_run_dir(cfg, STAGE, extra={**setup.fast, "total_steps": setup.total_steps,
                                        "num_problems": len(setup.train_ids), "prompt_width": setup.width},
                     tokenizer=setup.tokenizer)
@@ -307,7 +295,8 @@ def run_grpo(cfg) -> dict:
     score_fn = make_score_fn(setup.shape, setup.compute_dtype, num_micro)
     logger = MetricsLogger(cfg.run.dir, STAGE, cfg, total_steps=setup.total_steps, initial_step=int(state.step))
     eval_every = g.eval_every or setup.total_steps
-    save_every = cfg.train.save_every or eval_every
+    save_every = cfg.checkpoint.every_steps or eval_every
+    writer = checkpoint.Checkpointer(cfg.run.dir, async_save=cfg.checkpoint.async_save)
     last_eval: dict[str, float] = {}
     last_metrics: dict[str, float] = {}
     step = int(state.step)
@@ -364,8 +353,10 @@ def run_grpo(cfg) -> dict:
             logger.log(step, last_metrics)
             if step % save_every == 0 or step == setup.total_steps:
                 logger.flush()
-                checkpoint.save(cfg.run.dir, LAST_TAG, _checkpoint_tree(state, ref_params), step, _meta(setup, step))
+                writer.save(LAST_TAG, rollout_checkpoint_tree(state, ref_params), step, _meta(setup, step),
+                            keep=cfg.checkpoint.keep)
     finally:
+        writer.close()
         logger.close()
 
     figures = {"train/grpo_steps": step, **{f"train/grpo_{k}": v for k, v in setup.fast.items()}}

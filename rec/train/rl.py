@@ -25,7 +25,7 @@ rows of `data.valid_split` (-1 = all, 0 = no validation) with the eval prompts (
 HR@K/NDCG@K for `eval.topk` computed by rec.eval.metrics.
 
 Checkpoints: `rl_last` (policy, optimizer state, step, reference model) at each validation or every
-`train.save_every` steps and at the end; `rl_best` (parameters only) by `rl.best_metric` (e.g.
+`checkpoint.every_steps` steps and at the end (the newest `checkpoint.keep` kept); `rl_best` (parameters only) by `rl.best_metric` (e.g.
 "hr@10") when set. A restarted run resumes from `rl_last` (prompt order is a pure function of (seed, step)).
 
 Deliberate deviations from upstream (reference §6.1, bugs B1 and B7):
@@ -217,18 +217,17 @@ def _prepare(cfg, mesh):
 
     rl, train = cfg.rl, cfg.train
     catalogue = load_catalogue(cfg.data.dir)
-    rows = read_split(cfg.data.dir, cfg.data.train_split, limit=cfg.data.limit)
-    if not rows:
-        raise RecError(f"{cfg.data.dir}: split '{cfg.data.train_split}' (data.train_split) has no rows")
+    # data.train_from: windowed rows of an earlier split + its held-out selection slice (rec/data/windows.py)
+    from rec.data.windows import training_rows, training_source
+
+    rows, valid_rows = training_rows(cfg.data, selection_limit=rl.eval_limit if _validation_enabled(cfg) else 0)
     known = set(catalogue.all_sids)
     if any(s not in known for r in rows for s in (r.item_sid, *r.history_sids)):
         from rec.eval.evaluate import check_rows
 
-        check_rows(split_path(cfg.data.dir, cfg.data.train_split), rows, known)  # names file:line
+        source = training_source(cfg.data)  # check the split as read, so the message names file:line
+        check_rows(split_path(cfg.data.dir, source), read_split(cfg.data.dir, source, limit=cfg.data.limit), known)
     prompts = rl_prompts(catalogue, rows, rl.tasks, seed=cfg.run.seed, seq_title_sample=rl.seq_title_sample)
-    valid_rows = []
-    if _validation_enabled(cfg):
-        valid_rows = read_split(cfg.data.dir, cfg.data.valid_split, limit=rl.eval_limit)
 
     micro = train.micro_batch_size or train.batch_size
     divisor = batch_divisor(mesh)
@@ -426,10 +425,6 @@ def validate(setup: _Setup, params) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if "@" in k}
 
 
-def _checkpoint_tree(state, ref_params) -> dict:
-    return {**state.as_dict(), "ref_params": ref_params}
-
-
 def _meta(setup: _Setup, step: int, best: float | None) -> dict:
     return {
         "model_config": setup.shape.to_hf_config(setup.cfg.model.param_dtype),
@@ -444,10 +439,10 @@ def run_rl(cfg) -> dict:
     """Run recommendation RL as configured; returns the figures merged into run_summary.json."""
     from rec import checkpoint
     from rec.dist import init_distributed, is_primary, make_mesh
-    from rec.train.common import prepare_run_dir
+    from rec.train.common import check_rollout_memory, prepare_run_dir, resume_rollout_state, rollout_checkpoint_tree
     from rec.train.logging import MetricsLogger, merge_run_summary
     from rec.train.optim import make_optimizer
-    from rec.train.state import abstract_state, init_state, state_shardings
+    from rec.train.state import init_state, state_shardings
 
     check_rl_config(cfg)
     init_distributed()
@@ -464,17 +459,15 @@ def run_rl(cfg) -> dict:
     del params
     best_value = None
 
-    resume_step = checkpoint.latest_step(cfg.run.dir, LAST_TAG) if cfg.run.resume else None
-    if resume_step is not None:
-        abstract = abstract_state(ref_params, param_sh, optimizer.tx, mesh, cfg.run.seed)
-        abstract_ref = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=p.sharding), ref_params)
-        values, meta = checkpoint.restore(cfg.run.dir, LAST_TAG, _checkpoint_tree(abstract, abstract_ref))
-        ref_params = values.pop("ref_params")
-        state = type(state).from_dict(values)
+    state, ref_params, meta = resume_rollout_state(cfg, LAST_TAG, state, ref_params, optimizer.tx, mesh)
+    if meta is not None:
         best_value = meta.get("best_value")
         if is_primary():
             print(f"rl: resuming from {LAST_TAG} step {int(state.step)}", file=sys.stderr)
 
+    # Prompt bucket + the completion (the SID tokens, "\n" and EOS).
+    check_rollout_memory(cfg, state, setup.shape, mesh, setup.micro_prompts, rl.generations,
+                         max(cfg.data.length_buckets) + setup.trie.depth + 2)
     prepare_run_dir(cfg, STAGE, extra={"total_steps": setup.total_steps, "num_prompts": len(setup.prompt_ids),
                                        "rollout_fast_qwen2_decode_attention": setup.decode_attention == "fast"},
                     tokenizer=setup.tokenizer)
@@ -487,7 +480,8 @@ def run_rl(cfg) -> dict:
 
     logger = MetricsLogger(cfg.run.dir, STAGE, cfg, total_steps=setup.total_steps, initial_step=start_step)
     eval_every = _eval_every(cfg, setup.total_steps)
-    save_every = cfg.train.save_every or eval_every
+    save_every = cfg.checkpoint.every_steps or eval_every
+    writer = checkpoint.Checkpointer(cfg.run.dir, async_save=cfg.checkpoint.async_save)
     last_val: dict[str, float] = {}
     last_metrics: dict[str, float] = {}
     buckets = list(cfg.data.length_buckets)
@@ -514,12 +508,13 @@ def run_rl(cfg) -> dict:
                 if best_value is None or value > best_value:
                     best_value = value
                     logger.flush()
-                    checkpoint.save(cfg.run.dir, BEST_TAG, {"params": state.params}, step, _meta(setup, step, best_value))
+                    writer.save(BEST_TAG, {"params": state.params}, step, _meta(setup, step, best_value))
             if step % save_every == 0 or step == setup.total_steps:
                 logger.flush()
-                checkpoint.save(cfg.run.dir, LAST_TAG, _checkpoint_tree(state, ref_params), step,
-                                _meta(setup, step, best_value))
+                writer.save(LAST_TAG, rollout_checkpoint_tree(state, ref_params), step,
+                            _meta(setup, step, best_value), keep=cfg.checkpoint.keep)
     finally:
+        writer.close()
         logger.close()
 
     figures = {"train/rl_steps": step}

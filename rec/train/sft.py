@@ -7,7 +7,8 @@ micro-batches inside one jit) in fixed-shape length buckets.
 
 Validation loss (token mean over the valid split) runs every `train.eval_every` steps (default
 every 5% of the run, as upstream); a lower value saves `sft_best` (parameters only), every
-validation saves `sft_last` (full train state: resumable), and `train.early_stopping_patience`
+validation (or every `checkpoint.every_steps`) saves `sft_last` (full train state: resumable; the
+newest `checkpoint.keep` steps are kept; written asynchronously), and `train.early_stopping_patience`
 validations without improvement stop the run.
 
 Resume: with `run.resume` (default) a restarted run restores the newest `sft_last`: parameters,
@@ -108,8 +109,9 @@ def micro_batches(train_cfg, mesh) -> int:
     return train_cfg.batch_size // micro
 
 
-def _device_batch(batch: dict, mesh) -> dict:
-    return dist.shard_batch({k: batch[k] for k in BATCH_KEYS}, mesh)
+def _device_batch(local: dict, mesh, global_size: int) -> dict:
+    """Global arrays from this process's rows of the batch (`dist.process_rows` order)."""
+    return dist.global_batch({k: local[k] for k in BATCH_KEYS}, mesh, global_size)
 
 
 def _position(batches_consumed: int, per_epoch: int) -> tuple[int, int]:
@@ -121,8 +123,9 @@ def validation_loss(eval_step, params, valid_examples, batch_size: int, buckets,
     from rec.data.sft import bucketed_batches
 
     loss_sum = weight_sum = 0.0
-    for batch in bucketed_batches(valid_examples, batch_size, buckets, seed=0, epoch=0, pad_id=pad_id):
-        out = eval_step(params, _device_batch(batch, mesh))
+    rows = dist.process_rows(mesh, batch_size)
+    for batch in bucketed_batches(valid_examples, batch_size, buckets, seed=0, epoch=0, pad_id=pad_id, rows=rows):
+        out = eval_step(params, _device_batch(batch, mesh, batch_size))
         weight = float(out["weight"])
         loss_sum += float(out["loss"]) * weight
         weight_sum += weight
@@ -139,21 +142,21 @@ def run_sft(cfg: Config) -> dict:
 
 
 def _load_data(cfg: Config, tokenizer, catalogue):
-    from rec.data.dataset import category_phrase, read_split
+    from rec.data.dataset import category_phrase
     from rec.data.sft import build_sft_examples, build_valid_examples
 
-    rows = read_split(cfg.data.dir, cfg.data.train_split, limit=cfg.data.limit)
-    if not rows:
-        raise RecError(f"{cfg.data.dir}: split '{cfg.data.train_split}' has no rows (data.train_split)")
+    # data.train_from: windowed rows of an earlier split + its held-out selection slice (rec/data/windows.py)
+    from rec.data.windows import training_rows
+
+    rows, valid_rows = training_rows(cfg.data, selection_limit=cfg.train.eval_limit)
     category = cfg.data.category or category_phrase(cfg.data.dir)
     progress = cfg.run.progress and dist.is_primary()
     train = build_sft_examples(
         tokenizer, catalogue, rows, cfg.data.tasks, category, cfg.run.seed, cfg.data.max_len, progress
     )
-    valid: list = []
-    if cfg.data.valid_split:
-        valid_rows = read_split(cfg.data.dir, cfg.data.valid_split, limit=cfg.train.eval_limit)
-        valid = build_valid_examples(tokenizer, valid_rows, cfg.data.max_len)
+    # validate in the wording the mixture trains: compact when it has only the compact next-SID task
+    compact = "sid_next_compact" in cfg.data.tasks and "sid_next" not in cfg.data.tasks
+    valid = build_valid_examples(tokenizer, valid_rows, cfg.data.max_len, compact) if valid_rows else []
     return train, valid
 
 
@@ -208,7 +211,7 @@ def _train(cfg: Config, crash_after: int | None = None) -> dict:
     per_epoch = batches_per_epoch([len(e) for e in train_examples], cfg.train.batch_size, buckets)
     total = total_steps_for(cfg.train, per_epoch)
     every = eval_interval(cfg.train, total)
-    save_every = cfg.train.save_every or every
+    save_every = cfg.checkpoint.every_steps or every
     optimizer = make_optimizer(cfg.train, total)
 
     if resumed is None:
@@ -251,7 +254,17 @@ def _train(cfg: Config, crash_after: int | None = None) -> dict:
     eval_step = make_eval_step(loss_fn, 1)
     eval_batch = cfg.train.micro_batch_size or cfg.train.batch_size
 
+    from rec.train.memory import check_fits, estimate
+
+    check_fits(
+        estimate(state, shape, mesh, cfg.train.micro_batch_size or cfg.train.batch_size, max(buckets),
+                 cfg.model.compute_dtype, cfg.model.remat, configured_gib=cfg.mesh.memory_per_chip_gib),
+        "train.micro_batch_size", cfg.train.micro_batch_size or cfg.train.batch_size,
+        "data.length_buckets", max(buckets),
+    )
+
     start_step = int(state.step)
+    writer = checkpoint.Checkpointer(cfg.run.dir, async_save=cfg.checkpoint.async_save)
     logger = MetricsLogger(cfg.run.dir, STAGE, cfg, total_steps=total, initial_step=start_step)
 
     def meta_for(state_now, metrics: dict) -> dict:
@@ -274,7 +287,7 @@ def _train(cfg: Config, crash_after: int | None = None) -> dict:
 
     def save_last(state_now, metrics: dict) -> None:
         logger.flush()
-        checkpoint.save(cfg.run.dir, "sft_last", state_now, int(state_now.step), meta_for(state_now, metrics))
+        writer.save("sft_last", state_now, int(state_now.step), meta_for(state_now, metrics), keep=cfg.checkpoint.keep)
 
     last_metrics: dict = {}
     # Throughput over this invocation's steps after its first (which includes compilation).
@@ -286,17 +299,18 @@ def _train(cfg: Config, crash_after: int | None = None) -> dict:
         cfg.run.seed,
         pad_id,
         start=_position(int(state.data_position), per_epoch),
+        rows=dist.process_rows(mesh, cfg.train.batch_size),  # this process builds only its rows
     )
     steps_this_run = 0
     step = start_step
     while step < total and not progress_meta["finished"]:
         epoch, index, batch = next(stream)
         t0 = time.perf_counter()
-        state, metrics = step_fn(state, _device_batch(batch, mesh))
+        state, metrics = step_fn(state, _device_batch(batch, mesh, cfg.train.batch_size))
         metrics = {k: float(v) for k, v in metrics.items()}  # syncs: step time is real
         step = int(state.step)
         dt = time.perf_counter() - t0
-        real_tokens = int((batch["attention_mask"] * (batch["weights"][:, None] > 0)).sum())
+        real_tokens = int(batch["real_tokens"])
         if steps_this_run > 0:
             steady_tokens += real_tokens
             steady_seconds += dt
@@ -328,31 +342,25 @@ def _train(cfg: Config, crash_after: int | None = None) -> dict:
                 )
             logger.log(step, {"val_loss": val, "best_val_loss": progress_meta["best_val_loss"]}, show=True)
             if improved:
-                checkpoint.save(
-                    cfg.run.dir,
-                    "sft_best",
-                    {"params": state.params},
-                    step,
-                    meta_for(state, dict(metrics, val_loss=val)),
-                )
+                writer.save("sft_best", {"params": state.params}, step, meta_for(state, dict(metrics, val_loss=val)))
             save_last(state, dict(metrics, val_loss=val))
         elif step % save_every == 0:
             save_last(state, metrics)
 
         steps_this_run += 1
         if crash_after is not None and steps_this_run >= crash_after and step < total:
+            writer.wait()  # a kill after the save finished (the SIGKILL test covers mid-save kills)
             logger.close()
             raise _SimulatedCrash(step)
 
     # Early stopping is recorded in the meta of the sft_last saved at that validation; reaching
     # `total` is visible from the step itself. So only an unsaved final step needs a save here.
-    if checkpoint.latest_step(cfg.run.dir, "sft_last") != step:
+    if writer.last_saved("sft_last") != step:
         save_last(state, last_metrics)
-    if not valid_examples or checkpoint.latest_step(cfg.run.dir, "sft_best") is None:
+    if not valid_examples or writer.last_saved("sft_best") is None:
         # No validation set: the final weights are the best we have.
-        checkpoint.save(
-            cfg.run.dir, "sft_best", {"params": state.params}, step, meta_for(state, last_metrics)
-        )
+        writer.save("sft_best", {"params": state.params}, step, meta_for(state, last_metrics))
+    writer.close()
     logger.close()
 
     summary = {

@@ -306,3 +306,30 @@ def load_params(
 
 def _is_array_meta(x: Any) -> bool:
     return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def read_arrays(run_dir: str, tag: str, step: int | None = None) -> dict:
+    """Every array of a checkpoint as host numpy, independent of the mesh that wrote it:
+    {"params": tree, "rest": tree} (for comparisons and debugging; training restores with
+    `restore` onto a mesh instead)."""
+    import numpy as np
+
+    ocp = _ocp()
+    step = _resolve_step(run_dir, tag, step)
+    manager = _manager(tag_dir(run_dir, tag), create=False)
+    try:
+        metadata = manager.item_metadata(step)
+    finally:
+        manager.close()
+    out = {}
+    reader = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+    for name in ("params", "rest"):
+        tree = metadata.get(name) if hasattr(metadata, "get") else None
+        if tree is None:
+            continue
+        tree = getattr(tree, "tree", tree)
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree, is_leaf=_is_array_meta)
+        path = storage.join(_abs(tag_dir(run_dir, tag)), str(step), name)
+        out[name] = reader.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    reader.close()
+    return out

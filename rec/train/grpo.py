@@ -245,7 +245,12 @@ def run_grpo(cfg) -> dict:
     """Run GSM8K GRPO as configured; returns the figures merged into run_summary.json."""
     from rec import checkpoint
     from rec.dist import init_distributed, is_primary, make_mesh, shard_batch
-    from rec.train.common import check_rollout_memory, prepare_run_dir, resume_rollout_state, rollout_checkpoint_tree
+    from rec.train.common import (
+        check_rollout_memory,
+        prepare_run_dir,
+        resume_rollout_state,
+        rollout_checkpoint_tree,
+    )
     from rec.train.logging import MetricsLogger, merge_run_summary
     from rec.train.loop import make_train_step
     from rec.train.optim import make_optimizer

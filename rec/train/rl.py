@@ -439,7 +439,12 @@ def run_rl(cfg) -> dict:
     """Run recommendation RL as configured; returns the figures merged into run_summary.json."""
     from rec import checkpoint
     from rec.dist import init_distributed, is_primary, make_mesh
-    from rec.train.common import check_rollout_memory, prepare_run_dir, resume_rollout_state, rollout_checkpoint_tree
+    from rec.train.common import (
+        check_rollout_memory,
+        prepare_run_dir,
+        resume_rollout_state,
+        rollout_checkpoint_tree,
+    )
     from rec.train.logging import MetricsLogger, merge_run_summary
     from rec.train.optim import make_optimizer
     from rec.train.state import init_state, state_shardings

@@ -233,6 +233,16 @@ def _train(cfg: Config, crash_after: int | None = None) -> dict:
         progress_meta.setdefault("finished", False)
         log.info("resumed sft_last step %d", step)
 
+    # Before anything is written: refuse a config that cannot fit a chip.
+    from rec.train.memory import check_fits, estimate
+
+    check_fits(
+        estimate(state, shape, mesh, cfg.train.micro_batch_size or cfg.train.batch_size, max(buckets),
+                 cfg.model.compute_dtype, cfg.model.remat, configured_gib=cfg.mesh.memory_per_chip_gib),
+        "train.micro_batch_size", cfg.train.micro_batch_size or cfg.train.batch_size,
+        "data.length_buckets", max(buckets),
+    )
+
     pad_id = int(tokenizer.pad_token_id)
     prepare_run_dir(
         cfg,
@@ -253,15 +263,6 @@ def _train(cfg: Config, crash_after: int | None = None) -> dict:
     step_fn = make_train_step(loss_fn, optimizer, num_micro, state_shardings=state_sh, mesh=mesh)
     eval_step = make_eval_step(loss_fn, 1)
     eval_batch = cfg.train.micro_batch_size or cfg.train.batch_size
-
-    from rec.train.memory import check_fits, estimate
-
-    check_fits(
-        estimate(state, shape, mesh, cfg.train.micro_batch_size or cfg.train.batch_size, max(buckets),
-                 cfg.model.compute_dtype, cfg.model.remat, configured_gib=cfg.mesh.memory_per_chip_gib),
-        "train.micro_batch_size", cfg.train.micro_batch_size or cfg.train.batch_size,
-        "data.length_buckets", max(buckets),
-    )
 
     start_step = int(state.step)
     writer = checkpoint.Checkpointer(cfg.run.dir, async_save=cfg.checkpoint.async_save)

@@ -107,8 +107,13 @@ def cmd_baselines(args):
 
     if args.seeds < 0:
         raise RecError(f"--seeds: expected >= 0, got {args.seeds}")
+    if args.epochs <= 0:
+        raise RecError(f"--epochs: expected > 0, got {args.epochs}")
+    from rec.eval.sasrec import SASRecConfig
+
     run_baselines(args.data, split=args.split, out=args.out, train_from=args.train_from,
-                  select_fraction=args.select_fraction, seeds=list(range(args.seeds)))
+                  select_fraction=args.select_fraction, seeds=list(range(args.seeds)),
+                  sasrec_cfg=SASRecConfig(max_epochs=args.epochs))
 
 
 def cmd_recipe(args):
@@ -228,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--select-fraction", type=float, default=0.1,
                    help="last fraction of the training source held out for SASRec early stopping")
     p.add_argument("--seeds", type=int, default=2, help="SASRec seeds 0..N-1 (0 = skip SASRec)")
+    p.add_argument("--epochs", type=int, default=200, help="SASRec's most epochs (early stopping usually ends sooner)")
     p.set_defaults(fn=cmd_baselines)
 
     p = sub.add_parser("recipe", help="Run a whole named recipe (tokenizer -> SFT -> RL -> eval -> baselines -> report)")
@@ -269,7 +275,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _setup_logging() -> None:
+    """rec's own INFO lines (memory estimate, resume, sharding fallbacks) on stderr; other
+    libraries stay at their defaults."""
+    import logging
+
+    logger = logging.getLogger("rec")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
+    _setup_logging()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -186,3 +186,20 @@ def test_eval_on_two_processes_writes_identical_bytes(tmp_path, synth_dataset_di
     for f in figures:
         f.pop("eval/samples_per_s")
     assert figures[0] == figures[1] and figures[0]["eval/num_samples"] == 22
+
+
+def test_sft_two_processes_checkpoint_straight_to_gcs(tmp_path, gcs_bucket, sft_reference, synth_dataset_dir,
+                                                      synth_tokenizer_dir):
+    """run.dir on gs:// (a real fake-gcs-server on loopback): both processes write their shards
+    through tensorstore/gcsfs, the primary writes metrics and summary, and the result equals the
+    local 1-process run."""
+    from rec import storage
+
+    run = f"gs://{gcs_bucket}/runs/sft"
+    _launch(tmp_path, "gcs", 2, 2, _sft_args(run, synth_dataset_dir, synth_tokenizer_dir))
+    assert checkpoint.latest_step(run, "sft_last") == SFT_STEPS
+    _assert_same_state(sft_reference, run, "sft_last", SFT_STEPS, atol=PARAM_ATOL)
+    shards = storage.listdir(f"{run}/checkpoints/sft_last/{SFT_STEPS}/params")
+    assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(shards)
+    summary = json.loads(storage.read_text(f"{run}/run_summary.json"))
+    assert summary["train/processes"] == 2 and summary["train/steps"] == SFT_STEPS

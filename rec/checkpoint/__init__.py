@@ -25,6 +25,7 @@ Layout of one checkpoint (an Orbax CheckpointManager step, finalised atomically)
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import jax
@@ -50,20 +51,27 @@ def tag_dir(run_dir: str, tag: str) -> str:
 
 def _abs(path: str) -> str:
     if storage.is_gcs(path):
+        # A GCS emulator (STORAGE_EMULATOR_HOST, as in the tests) must also serve tensorstore,
+        # which reads its own variable; gcsfs (directory operations) honours the first.
+        emulator = os.environ.get("STORAGE_EMULATOR_HOST", "").strip()
+        if emulator and not os.environ.get("TENSORSTORE_GCS_HTTP_URL"):
+            os.environ["TENSORSTORE_GCS_HTTP_URL"] = emulator if "://" in emulator else f"http://{emulator}"
         return path
-    import os
-
     return os.path.abspath(path)
 
 
 def _manager(directory: str, create: bool, keep: int = 1, async_save: bool = False):
     ocp = _ocp()
+    tag = directory.rstrip("/").rsplit("/", 1)[-1]
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
         create=create,
         enable_async_checkpointing=async_save,
         # A writer removes the temporary directories of saves that never finished (a killed run).
         cleanup_tmp_directories=create,
+        # Cross-process barrier names carry the tag: sft_best and sft_last saving the same step
+        # at once would otherwise share one barrier and fail on a slow store.
+        multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=tag),
     )
     # Handlers named up front: a fresh process (eval, export, RL init) can then read item metadata
     # and restore single items without having saved them first.

@@ -242,6 +242,16 @@ def bench_eval(args) -> dict:
                 if "".join(id_to_sid_token.get(int(t), "?") for t in beam if t >= 0) not in valid:
                     invalid += 1
     samples_per_s = batch * iters / elapsed
+    # The same prompts decoded a few at a time (the smallest batch the mesh allows): the large
+    # batch must not change what is found. Fraction of rows with identical ranked lists.
+    small = dist.batch_divisor(mesh)
+    ids, mask = batches[1]
+    big = np.asarray(dist.process_allgather(outputs[0]))
+    same = 0
+    for start in range(0, batch, small):
+        part = np.asarray(dist.process_allgather(call(ids[start : start + small], mask[start : start + small])))
+        same += int(sum(np.array_equal(part[j], big[start + j]) for j in range(part.shape[0])))
+    agreement = same / batch
     facts = device_facts()
     flops = beam_search_flops(shape, float(np.mean(lengths)), beams, trie.num_steps - 1)
     result = {
@@ -254,6 +264,8 @@ def bench_eval(args) -> dict:
         "seconds_per_batch": round(elapsed / iters, 4),
         "compile_s": round(compile_s, 2),
         "invalid": invalid,
+        "small_batch_size": small,
+        "small_batch_agreement": round(agreement, 4),
         "prompt_len_padded": prompt_len,
         "prompt_tokens_mean": round(float(np.mean(lengths)), 1),
         "prompt_tokens": "estimated (Qwen2 pre-tokenizer rule, synthetic ids)",
@@ -353,8 +365,54 @@ def _delegate(module_name: str, function: str, args) -> dict:
     return fn(args)
 
 
+_BACKEND_COMPILES = [0]
+
+
+def _count_compiles() -> None:
+    """Count XLA backend compilations (jax.monitoring), so a result shows that a benchmark
+    compiled once per shape rather than per call."""
+    import jax.monitoring
+
+    if getattr(_count_compiles, "installed", False):
+        return
+
+    def listener(name: str, *_args, **_kwargs) -> None:
+        if name.endswith("backend_compile_duration"):
+            _BACKEND_COMPILES[0] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    _count_compiles.installed = True
+
+
+def memory_facts() -> dict:
+    """Peak device memory (GiB, the largest over this process's devices) where the runtime reports
+    it (GPU, TPU), else the host process's peak resident memory (CPU)."""
+    import jax
+
+    peaks, limits = [], []
+    for device in jax.local_devices():
+        try:
+            stats = device.memory_stats() or {}
+        except Exception:  # noqa: BLE001 - not every runtime implements memory_stats
+            stats = {}
+        if "peak_bytes_in_use" in stats:
+            peaks.append(stats["peak_bytes_in_use"])
+        if stats.get("bytes_limit"):
+            limits.append(stats["bytes_limit"])
+    if peaks:
+        out = {"peak_memory_gib": round(max(peaks) / 2**30, 3)}
+        if limits:
+            out["memory_limit_gib"] = round(min(limits) / 2**30, 3)
+        return out
+    import resource
+
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {"host_peak_rss_gib": round(rss_kib / 2**20, 3)}
+
+
 def run_bench(args) -> dict:
-    """Dispatch on args.what; print the result as one JSON line on stdout."""
+    """Dispatch on args.what; print the result as one JSON line on stdout (with the number of
+    XLA compilations and peak memory)."""
     runners = {
         "eval": bench_eval,
         "sft": bench_sft,
@@ -363,6 +421,10 @@ def run_bench(args) -> dict:
     }
     if args.what not in runners:
         raise RecError(f"bench: unknown benchmark {args.what!r} (choose from {', '.join(runners)})")
+    _count_compiles()
+    before = _BACKEND_COMPILES[0]
     result = runners[args.what](args)
+    result["xla_compiles"] = _BACKEND_COMPILES[0] - before
+    result.update(memory_facts())
     print(json.dumps(result))
     return result

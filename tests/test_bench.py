@@ -67,6 +67,11 @@ def test_bench_eval_tiny_prints_one_json(synth_dataset_dir, capsys):
         assert key in result
     assert result["invalid"] == 0 and result["samples_per_s"] > 0
     assert result["batch_size"] == 2 and result["beams"] == 4 and result["vocab"] > QWEN_BASE_VOCAB
+    # float32: decoding the batch one row at a time finds exactly the same ranked lists
+    assert result["small_batch_size"] == 1 and result["small_batch_agreement"] == 1.0
+    # one program for the timed batch shape (+ the small-batch check and setup), not one per call
+    assert 1 <= result["xla_compiles"] <= 20
+    assert result["host_peak_rss_gib"] > 0
 
 
 def test_bench_errors(synth_dataset_dir):

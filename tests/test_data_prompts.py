@@ -127,7 +127,10 @@ def test_sid_item_feat_answer_leak_fixed(industrial):
 def test_sft_mixture_size(industrial_dir):
     # reference §4.2: 4 row-based tasks + 7,316 item-feature samples (Industrial)
     cat, rows = load_catalogue(industrial_dir), read_split(industrial_dir, "valid", limit=500)
-    mixture = sft_prompts(cat, rows, P.SFT_TASKS, category_phrase(industrial_dir), seed=42)
+    from rec.config import DataConfig
+
+    upstream_tasks = DataConfig().tasks  # the five upstream tasks (SFT_TASKS also has our extras)
+    mixture = sft_prompts(cat, rows, upstream_tasks, category_phrase(industrial_dir), seed=42)
     assert len(mixture) == 4 * 500 + 7316
     assert all(p.body.endswith("### Response:\n") and p.target.endswith("\n") for p in mixture)
 

@@ -147,3 +147,18 @@ def test_mesh_and_placement_on_8_fake_devices():
     assert out["batch_spec"] == [["data", "fsdp"], None]
     assert out["rows"] == list(range(8))
     assert "cannot be split over 4 devices" in out["bad_batch"]
+
+
+def test_preemption_guard_single_process_flags_sigterm_and_restores_the_handler():
+    import os
+    import signal
+
+    from rec.dist.preemption import PreemptionGuard, Preempted
+
+    before = signal.getsignal(signal.SIGTERM)
+    with PreemptionGuard() as guard:
+        assert not guard.reached(1)
+        os.kill(os.getpid(), signal.SIGTERM)  # handled: the test process keeps running
+        assert guard.reached(2)
+    assert signal.getsignal(signal.SIGTERM) == before
+    assert "step 7" in str(Preempted(7, "runs/x/checkpoints/sft_last/7"))

@@ -203,3 +203,31 @@ def test_sft_two_processes_checkpoint_straight_to_gcs(tmp_path, gcs_bucket, sft_
     assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(shards)
     summary = json.loads(storage.read_text(f"{run}/run_summary.json"))
     assert summary["train/processes"] == 2 and summary["train/steps"] == SFT_STEPS
+
+
+def test_sigterm_to_two_processes_saves_one_step_and_resumes(tmp_path, sft_reference, synth_dataset_dir,
+                                                             synth_tokenizer_dir):
+    """A preemption: SIGTERM to `rec launch`, which passes it to both processes (as GKE signals
+    every pod). They agree on a step, both save it, exit 143; the same command continues."""
+    run = tmp_path / "preempted"
+    args = [sys.executable, "-m", "rec", "launch", "-n", "2", "--cpu-devices", "2", "--",
+            *_sft_args(run, synth_dataset_dir, synth_tokenizer_dir, every_steps=SFT_STEPS)]
+    log = open(tmp_path / "preempted.log", "w")
+    proc = subprocess.Popen(args, env=_env(), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 600
+    while proc.poll() is None and time.monotonic() < deadline:
+        if (run / "metrics.jsonl").exists() and len(_losses(run, "sft")) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 143
+    log.close()
+    output = (tmp_path / "preempted.log").read_text()
+    stopped = [line for line in output.splitlines() if "stopped by SIGTERM at step" in line]
+    assert len(stopped) == 2, output[-3000:]  # both processes, the same step
+    step = int(stopped[0].split("at step ")[1].split(";")[0])
+    assert all(f"at step {step};" in line for line in stopped) and 2 <= step < SFT_STEPS
+    assert checkpoint.latest_step(str(run), "sft_last") == step
+
+    _launch(tmp_path, "preempted-again", 2, 2, _sft_args(run, synth_dataset_dir, synth_tokenizer_dir, every_steps=SFT_STEPS))
+    _assert_same_state(sft_reference, run, "sft_last", SFT_STEPS, atol=PARAM_ATOL)

@@ -301,6 +301,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        from rec.dist.preemption import EXIT_CODE, Preempted
+
+        if not isinstance(exc, Preempted):
+            raise
+        print(f"rec: {exc}", file=sys.stderr)
+        return EXIT_CODE
     return int(code or 0)
 
 

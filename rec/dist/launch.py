@@ -15,6 +15,7 @@ stopped (they would otherwise wait for it at the next collective) and its exit c
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -101,18 +102,12 @@ def launch_local(
 
     deadline = None if timeout is None else time.monotonic() + timeout
     code = 0
-    while True:
-        codes = [p.poll() for p in procs]
-        failed = [c for c in codes if c not in (None, 0)]
-        if failed:
-            code = failed[0]
-            break
-        if all(c == 0 for c in codes):
-            break
-        if deadline is not None and time.monotonic() > deadline:
-            code = 124
-            break
-        time.sleep(0.1)
+    previous = _forward_sigterm(procs)
+    try:
+        code = _wait(procs, deadline)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     for p in procs:
         if p.poll() is None:
             p.kill()
@@ -121,6 +116,39 @@ def launch_local(
     for pump in pumps:
         pump.join(timeout=5)
     return code
+
+
+def _forward_sigterm(procs: list[subprocess.Popen]):
+    """Pass SIGTERM on to every process (as GKE sends it to every pod of a slice), so they save
+    and stop together; returns the previous handler (None off the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def forward(signum, frame):
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+
+    return signal.signal(signal.SIGTERM, forward)
+
+
+def _wait(procs: list[subprocess.Popen], deadline: float | None) -> int:
+    """The first non-zero exit code, 0 when all succeed, 124 at the deadline."""
+    while True:
+        codes = [p.poll() for p in procs]
+        failed = [c for c in codes if c not in (None, 0)]
+        if failed:
+            if failed[0] == 143:
+                # Stopped by SIGTERM after saving: give the others time to finish their save.
+                end = time.monotonic() + 120
+                while any(p.poll() is None for p in procs) and time.monotonic() < end:
+                    time.sleep(0.1)
+            return failed[0]
+        if all(c == 0 for c in codes):
+            return 0
+        if deadline is not None and time.monotonic() > deadline:
+            return 124
+        time.sleep(0.1)
 
 
 def _pump(proc: subprocess.Popen, pid: int, log_path: str | None, echo: bool) -> None:

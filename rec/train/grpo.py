@@ -245,6 +245,7 @@ def run_grpo(cfg) -> dict:
     """Run GSM8K GRPO as configured; returns the figures merged into run_summary.json."""
     from rec import checkpoint
     from rec.dist import init_distributed, is_primary, make_mesh, shard_batch
+    from rec.dist.preemption import Preempted, PreemptionGuard
     from rec.train.common import (
         check_rollout_memory,
         prepare_run_dir,
@@ -305,6 +306,7 @@ def run_grpo(cfg) -> dict:
     last_eval: dict[str, float] = {}
     last_metrics: dict[str, float] = {}
     step = int(state.step)
+    guard = PreemptionGuard()
     try:
         while step < setup.total_steps:
             t0 = time.perf_counter()
@@ -360,7 +362,15 @@ def run_grpo(cfg) -> dict:
                 logger.flush()
                 writer.save(LAST_TAG, rollout_checkpoint_tree(state, ref_params), step, _meta(setup, step),
                             keep=cfg.checkpoint.keep)
+            if guard.reached(step) and step < setup.total_steps:
+                # SIGTERM (preemption): every process saves this same step, then the CLI exits 143.
+                if writer.last_saved(LAST_TAG) != step:
+                    logger.flush()
+                    writer.save(LAST_TAG, rollout_checkpoint_tree(state, ref_params), step, _meta(setup, step),
+                                keep=cfg.checkpoint.keep)
+                raise Preempted(step, f"{cfg.run.dir}/checkpoints/{LAST_TAG}/{step}")
     finally:
+        guard.close()
         writer.close()
         logger.close()
 

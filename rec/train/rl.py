@@ -439,6 +439,7 @@ def run_rl(cfg) -> dict:
     """Run recommendation RL as configured; returns the figures merged into run_summary.json."""
     from rec import checkpoint
     from rec.dist import init_distributed, is_primary, make_mesh
+    from rec.dist.preemption import Preempted, PreemptionGuard
     from rec.train.common import (
         check_rollout_memory,
         prepare_run_dir,
@@ -491,6 +492,7 @@ def run_rl(cfg) -> dict:
     last_metrics: dict[str, float] = {}
     buckets = list(cfg.data.length_buckets)
     step = start_step
+    guard = PreemptionGuard()
     try:
         while step < setup.total_steps:
             indices = step_prompt_indices(step // rl.updates_per_batch, prompts_per_step, len(setup.prompt_ids),
@@ -518,7 +520,15 @@ def run_rl(cfg) -> dict:
                 logger.flush()
                 writer.save(LAST_TAG, rollout_checkpoint_tree(state, ref_params), step,
                             _meta(setup, step, best_value), keep=cfg.checkpoint.keep)
+            if guard.reached(step) and step < setup.total_steps:
+                # SIGTERM (preemption): every process saves this same step, then the CLI exits 143.
+                if writer.last_saved(LAST_TAG) != step:
+                    logger.flush()
+                    writer.save(LAST_TAG, rollout_checkpoint_tree(state, ref_params), step, _meta(setup, step, best_value),
+                                keep=cfg.checkpoint.keep)
+                raise Preempted(step, f"{cfg.run.dir}/checkpoints/{LAST_TAG}/{step}")
     finally:
+        guard.close()
         writer.close()
         logger.close()
 

@@ -29,6 +29,7 @@ import numpy as np
 
 from rec import checkpoint, dist, storage
 from rec.config import Config, to_dict
+from rec.dist.preemption import Preempted, PreemptionGuard
 from rec.errors import RecError
 from rec.train.common import load_model_and_tokenizer, prepare_run_dir
 from rec.train.logging import MetricsLogger, merge_run_summary
@@ -304,55 +305,63 @@ def _train(cfg: Config, crash_after: int | None = None) -> dict:
     )
     steps_this_run = 0
     step = start_step
-    while step < total and not progress_meta["finished"]:
-        epoch, index, batch = next(stream)
-        t0 = time.perf_counter()
-        state, metrics = step_fn(state, _device_batch(batch, mesh, cfg.train.batch_size))
-        metrics = {k: float(v) for k, v in metrics.items()}  # syncs: step time is real
-        step = int(state.step)
-        dt = time.perf_counter() - t0
-        real_tokens = int(batch["real_tokens"])
-        if steps_this_run > 0:
-            steady_tokens += real_tokens
-            steady_seconds += dt
-        metrics.update(
-            tokens_per_s=real_tokens / max(dt, 1e-9),
-            epoch=epoch + (index + 1) / per_epoch,
-            target_tokens=metrics.pop("weight"),
-        )
-        last_metrics = metrics
-        if step % max(cfg.train.log_every, 1) == 0 or step == total:
-            logger.log(step, metrics)
+    with PreemptionGuard() as guard:
+        while step < total and not progress_meta["finished"]:
+            epoch, index, batch = next(stream)
+            t0 = time.perf_counter()
+            state, metrics = step_fn(state, _device_batch(batch, mesh, cfg.train.batch_size))
+            metrics = {k: float(v) for k, v in metrics.items()}  # syncs: step time is real
+            step = int(state.step)
+            dt = time.perf_counter() - t0
+            real_tokens = int(batch["real_tokens"])
+            if steps_this_run > 0:
+                steady_tokens += real_tokens
+                steady_seconds += dt
+            metrics.update(
+                tokens_per_s=real_tokens / max(dt, 1e-9),
+                epoch=epoch + (index + 1) / per_epoch,
+                target_tokens=metrics.pop("weight"),
+            )
+            last_metrics = metrics
+            if step % max(cfg.train.log_every, 1) == 0 or step == total:
+                logger.log(step, metrics)
 
-        if valid_examples and (step % every == 0 or step == total):
-            val = validation_loss(eval_step, state.params, valid_examples, eval_batch, buckets, pad_id, mesh)
-            best = progress_meta["best_val_loss"]
-            improved = best is None or val < best
-            if improved:
-                progress_meta.update(best_val_loss=val, best_step=step, bad_evals=0)
-            else:
-                progress_meta["bad_evals"] += 1
-            patience = cfg.train.early_stopping_patience
-            if patience > 0 and progress_meta["bad_evals"] >= patience:
-                progress_meta["finished"] = True
-                log.info(
-                    "early stopping at step %d (best %.5f at step %s)",
-                    step,
-                    progress_meta["best_val_loss"],
-                    progress_meta["best_step"],
-                )
-            logger.log(step, {"val_loss": val, "best_val_loss": progress_meta["best_val_loss"]}, show=True)
-            if improved:
-                writer.save("sft_best", {"params": state.params}, step, meta_for(state, dict(metrics, val_loss=val)))
-            save_last(state, dict(metrics, val_loss=val))
-        elif step % save_every == 0:
-            save_last(state, metrics)
+            if valid_examples and (step % every == 0 or step == total):
+                val = validation_loss(eval_step, state.params, valid_examples, eval_batch, buckets, pad_id, mesh)
+                best = progress_meta["best_val_loss"]
+                improved = best is None or val < best
+                if improved:
+                    progress_meta.update(best_val_loss=val, best_step=step, bad_evals=0)
+                else:
+                    progress_meta["bad_evals"] += 1
+                patience = cfg.train.early_stopping_patience
+                if patience > 0 and progress_meta["bad_evals"] >= patience:
+                    progress_meta["finished"] = True
+                    log.info(
+                        "early stopping at step %d (best %.5f at step %s)",
+                        step,
+                        progress_meta["best_val_loss"],
+                        progress_meta["best_step"],
+                    )
+                logger.log(step, {"val_loss": val, "best_val_loss": progress_meta["best_val_loss"]}, show=True)
+                if improved:
+                    writer.save("sft_best", {"params": state.params}, step, meta_for(state, dict(metrics, val_loss=val)))
+                save_last(state, dict(metrics, val_loss=val))
+            elif step % save_every == 0:
+                save_last(state, metrics)
 
-        steps_this_run += 1
-        if crash_after is not None and steps_this_run >= crash_after and step < total:
-            writer.wait()  # a kill after the save finished (the SIGKILL test covers mid-save kills)
-            logger.close()
-            raise _SimulatedCrash(step)
+            steps_this_run += 1
+            if guard.reached(step) and step < total and not progress_meta["finished"]:
+                # SIGTERM (preemption): every process saves this same step, then the CLI exits 143.
+                if writer.last_saved("sft_last") != step:
+                    save_last(state, last_metrics)
+                writer.close()
+                logger.close()
+                raise Preempted(step, storage.join(cfg.run.dir, "checkpoints", "sft_last", str(step)))
+            if crash_after is not None and steps_this_run >= crash_after and step < total:
+                writer.wait()  # a kill after the save finished (the SIGKILL test covers mid-save kills)
+                logger.close()
+                raise _SimulatedCrash(step)
 
     # Early stopping is recorded in the meta of the sft_last saved at that validation; reaching
     # `total` is visible from the step itself. So only an unsaved final step needs a save here.

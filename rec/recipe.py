@@ -1,18 +1,27 @@
-"""`rec recipe NAME`: write a ready, validated set of configs for a named setting.
+"""`rec recipe NAME --data DIR --out RUN`: the whole recipe in one command, or its configs.
 
-`small-cpu`: what a user without an accelerator can run in about an hour on a real MiniOneRec
-dataset directory (e.g. Office_Products): a small byte-level BPE built on the dataset, the `tiny`
-model shape from random weights, a short SFT on the task mixture, a short RL stage, and a 20-beam
-eval of every test row. It will not reach the paper's numbers (that needs Qwen2.5 weights and a TPU
-slice); it shows the whole recipe working end to end, well above the popularity baseline.
+`small-cpu` (the only recipe): what a machine with 2 CPU cores runs in under 30 minutes on a real
+MiniOneRec dataset (Office_Products): a byte-level BPE built on the catalogue text (`rec tokenizer
+build`) -> the `tiny` Qwen2-architecture model from random weights -> SFT on the compact next-SID
+task -> RL (constrained-beam GRPO, ranking reward) from `sft_best` -> constrained beam search on
+every test row for SFT and RL -> `rec baselines` on the same training rows -> report.html.
+Training rows: `data.train_from=valid` when the dataset has no train.csv (every valid row plus the
+prefix windows of its history; the last 10% held out for selection). Every selection (sft_best,
+rl_best, SASRec early stopping) uses that held-out slice, never the evaluated split.
+The choices and what each did are in docs/RECIPE.md.
 
-Files written under OUT: `sft.yaml`, `rl.yaml`, `eval.yaml` (each loads with `load_config`) and
-`README.md` with the commands in order. The dataset directory and run directories are written into
-the configs; pass `data_dir` (CLI `--data`) or override `data.dir=...` on each command.
+RUN holds: configs/{sft,rl,eval}.yaml (+ README.md with the equivalent commands), tokenizer/,
+sft/ and rl/ (run directories, each with its own eval_predictions.json and run_summary.json),
+baselines.json, and at the top the usual run-directory files: run_summary.json (`eval/*` of the
+final RL model, plus `sft/eval/*` and `baselines/<name>/*`), eval_predictions.json (RL),
+report.html (SFT, RL and the baselines side by side). A rerun on the same RUN resumes.
+
+`configs_only=True` (CLI `--configs-only`) writes only the configs and README, as before.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 
@@ -25,53 +34,84 @@ from rec.errors import RecError
 RECIPES = ("small-cpu",)
 
 
-def _small_cpu(data_dir: str, runs: str) -> dict[str, dict]:
+# The small-cpu recipe's knobs (docs/RECIPE.md says what each choice did on Office_Products).
+SMALL_CPU = {
+    "tokenizer_vocab": 512,  # BPE merges on the catalogue text; the SID tokens come on top
+    "shape": "tiny",  # Qwen2 architecture: hidden 64, 2 layers, 4 heads (2 KV), tied embeddings
+    "tasks": ["sid_next_compact"],  # the SID history without instruction text (rec/data/prompts.py)
+    "sft_steps": 1500,  # ~9 epochs of the 10.8k Office rows; validation loss rose after that
+    "sft_batch": 64,
+    "sft_lr": 3e-3,
+    "sft_weight_decay": 0.1,
+    "sft_eval_every": 250,
+    "length_buckets": [16, 24, 32, 48],  # compact prompts are 15-42 tokens with their target
+    "rl_steps": 200,
+    "rl_batch": 16,
+    "rl_generations": 8,
+    "rl_lr": 3e-4,
+    "rl_beta": 1e-3,
+    "rl_eval_every": 50,
+    "eval_beams": 50,
+}
+
+
+def _small_cpu(data_dir: str, runs: str, seed: int = 42) -> dict[str, dict]:
+    k = SMALL_CPU
     tokenizer_dir = f"{runs}/tokenizer"
     sft_dir, rl_dir = f"{runs}/sft", f"{runs}/rl"
     have_train = bool(data_dir) and storage.exists(storage.join(data_dir, "train.csv"))
-    # The shared snapshot has no train.csv: train on valid, validate on a slice of it (flagged in README).
-    train_split = "train" if have_train or not data_dir else "valid"
-    common_model = {"shape": "tiny", "tokenizer": tokenizer_dir, "param_dtype": "float32", "compute_dtype": "float32"}
+    # The public snapshot has no train.csv: train on every valid row plus the prefix windows of its
+    # history; the last 10% of valid rows are held out for every selection (never the test split).
+    data_rows = {"train_split": "train"} if have_train or not data_dir else {"train_from": "valid", "select_fraction": 0.1}
+    common_model = {"shape": k["shape"], "tokenizer": tokenizer_dir, "param_dtype": "float32",
+                    "compute_dtype": "float32", "remat": False}
     sft = {
-        "run": {"dir": sft_dir, "seed": 42, "wandb_mode": "offline"},
-        "model": {"path": "", **common_model, "remat": False},
+        "run": {"dir": sft_dir, "seed": seed, "wandb_mode": "offline"},
+        "model": {"path": "", **common_model},
         "data": {
             "dir": data_dir,
-            "train_split": train_split,
+            **data_rows,
             "valid_split": "valid",
-            "max_len": 256,
-            "length_buckets": [64, 128, 256],
+            "split": "test",
+            "tasks": list(k["tasks"]),
+            "max_len": 64,
+            "length_buckets": list(k["length_buckets"]),
         },
         "mesh": {"shape": "auto"},
         "train": {
-            "batch_size": 64,
-            # ~5 epochs of the mixture built from Office's valid split (26k examples), ~25 min on 2 cores
-            "steps": 2000,
-            "lr": 3e-3,
+            "batch_size": k["sft_batch"],
+            "steps": k["sft_steps"],
+            "lr": k["sft_lr"],
             "schedule": "cosine",
             "warmup_steps": 50,
-            "min_lr_ratio": 0.1,
-            "eval_every": 200,
-            "eval_limit": 512,
-            # A tiny model sits on a "format only" plateau (valid loss flat) for epochs before it
-            # learns the sequences; early stopping would end the run there. sft_best still picks by loss.
+            "min_lr_ratio": 0.05,
+            "weight_decay": k["sft_weight_decay"],
+            "eval_every": k["sft_eval_every"],
+            "eval_limit": -1,
+            # sft_best is picked by validation loss on the held-out slice; no early stop on the
+            # early plateau a small model sits on before it learns the sequences
             "early_stopping_patience": 0,
         },
     }
     rl = {
-        "run": {"dir": rl_dir, "seed": 42, "wandb_mode": "offline"},
-        "model": {"path": sft_dir, "checkpoint": "sft_best", **common_model, "remat": False},
-        "data": {"dir": data_dir, "train_split": train_split, "valid_split": "valid", "max_len": 256},
+        "run": {"dir": rl_dir, "seed": seed, "wandb_mode": "offline"},
+        "model": {"path": sft_dir, "checkpoint": "sft_best", **common_model},
+        "data": {"dir": data_dir, **data_rows, "valid_split": "valid", "split": "test", "max_len": 64,
+                 "length_buckets": list(k["length_buckets"])},
         "mesh": {"shape": "auto"},
-        "train": {"batch_size": 16, "steps": 200, "lr": 1e-4, "schedule": "cosine", "warmup_ratio": 0.03, "warmup_steps": 0},
-        "rl": {"generations": 8, "reward": "ranking", "beta": 1e-3, "eval_beams": 10, "eval_limit": 256},
+        "train": {"batch_size": k["rl_batch"], "steps": k["rl_steps"], "lr": k["rl_lr"], "schedule": "cosine",
+                  "warmup_ratio": 0.03, "warmup_steps": 0, "grad_clip": 0.3},
+        "eval": {"batch_size": 16, "prompt": "compact"},
+        "rl": {"generations": k["rl_generations"], "reward": "ranking", "beta": k["rl_beta"],
+               "tasks": list(k["tasks"]), "ref_sync_every": 0, "eval_every": k["rl_eval_every"],
+               "eval_beams": 20, "eval_limit": -1, "best_metric": "ndcg@10"},
     }
     evaluation = {
         "run": {"dir": rl_dir},
-        "model": {"path": rl_dir, "checkpoint": "rl_last", **common_model},
-        "data": {"dir": data_dir, "split": "test"},
+        "model": {"path": rl_dir, "checkpoint": "rl_best", **common_model},
+        "data": {"dir": data_dir, **data_rows, "split": "test"},
         "mesh": {"shape": "auto"},
-        "eval": {"beams": 20, "batch_size": 16, "limit": -1, "prompt": "eval"},
+        "eval": {"beams": k["eval_beams"], "batch_size": 16, "limit": -1, "prompt": "compact"},
     }
     return {"sft": sft, "rl": rl, "eval": evaluation}
 
@@ -80,39 +120,166 @@ def _readme(out: str, data_dir: str, runs: str) -> str:
     data = data_dir or "DATASET_DIR"
     return f"""# small-cpu recipe
 
-A complete MiniOneRec run on CPU in about an hour: tiny model, small BPE built on the dataset.
-Dataset: `{data}`; runs go under `{runs}/`.
+`rec recipe small-cpu --data {data} --out {runs}` runs all of this in one command; by hand:
 
 ```bash
-rec tokenizer build --dataset {data} --out {runs}/tokenizer
+rec tokenizer build --dataset {data} --out {runs}/tokenizer --vocab-size {SMALL_CPU["tokenizer_vocab"]}
 rec sft  --config {out}/sft.yaml
 rec rl   --config {out}/rl.yaml
-rec eval --config {out}/eval.yaml          # HR@K / NDCG@K of rl_last on every test row
+rec eval --config {out}/eval.yaml          # HR@K / NDCG@K of rl_best on every test row
 rec eval --config {out}/eval.yaml model.path={runs}/sft model.checkpoint=sft_best run.dir={runs}/sft
-rec baselines --data {data} --out {runs}/baselines.json
+rec baselines --data {data} --split test --out {runs}/baselines.json
 ```
 
 Without a `train.csv` (the public snapshot ships only valid/test) the configs train on the valid
-split; compare the eval numbers with the baselines, not with the paper.
+split's rows and prefix windows (`data.train_from=valid`) and select on its last 10%.
 """
 
 
-def write_recipe(name: str, out: str, data_dir: str = "", runs_dir: str = "") -> str:
-    """Write the recipe's configs under `out`; every file is checked with `load_config` first."""
+def _validated_texts(name: str, data_dir: str, runs: str, seed: int = 42) -> dict[str, str]:
+    """YAML text per stage, each checked with `load_config` before anything is written."""
     if name not in RECIPES:
         raise RecError(f"recipe: unknown name {name!r} (choose from {', '.join(RECIPES)})")
-    runs = runs_dir or "runs/small-cpu"
-    configs = _small_cpu(str(data_dir), runs)
+    configs = _small_cpu(str(data_dir), runs, seed)
     texts = {stage: yaml.safe_dump(cfg, sort_keys=False) for stage, cfg in configs.items()}
-    # Validate everything before writing anything: a recipe is either complete or absent.
     with tempfile.TemporaryDirectory(prefix="rec-recipe-") as scratch:
         for stage, text in texts.items():
             path = os.path.join(scratch, f"{stage}.yaml")
             with open(path, "w", encoding="utf-8") as f:
                 f.write(text)
             load_config(path)
+    return texts
+
+
+def write_recipe(name: str, out: str, data_dir: str = "", runs_dir: str = "", seed: int = 42) -> str:
+    """Write the recipe's configs under `out`; every file is checked with `load_config` first."""
+    runs = runs_dir or "runs/small-cpu"
+    texts = _validated_texts(name, str(data_dir), runs, seed)
     for stage, text in texts.items():
         header = f"# rec recipe {name}: {stage} stage (see README.md in this directory)\n"
         storage.write_text(storage.join(out, f"{stage}.yaml"), header + text)
     storage.write_text(storage.join(out, "README.md"), _readme(out, str(data_dir), runs))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Running it
+
+MARKER = ".rec-recipe"
+STAGE_OVERRIDES = ("sft", "rl", "eval")
+
+
+def parse_stage_overrides(items) -> dict[str, list[str]]:
+    """["sft:train.steps=20", "rl:train.steps=2"] -> {"sft": [...], "rl": [...], "eval": []}."""
+    out: dict[str, list[str]] = {stage: [] for stage in STAGE_OVERRIDES}
+    for item in items or []:
+        stage, sep, override = str(item).partition(":")
+        if not sep or stage not in out or "=" not in override:
+            raise RecError(f"recipe override {item!r}: expected STAGE:key=value with STAGE one of "
+                           f"{', '.join(STAGE_OVERRIDES)} (e.g. sft:train.steps=100)")
+        out[stage].append(override)
+    return out
+
+
+def _prepare_out(out: str) -> None:
+    if storage.is_gcs(out):
+        raise RecError(f"--out {out}: the recipe writes to a local directory")
+    if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, MARKER)):
+        raise RecError(f"--out {out}: directory exists and is not a previous recipe run; choose another --out")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, MARKER), "w", encoding="utf-8") as f:
+        f.write("rec recipe output; a rerun with the same --out resumes the stages\n")
+
+
+def run_recipe(name: str, data_dir: str, out: str, seed: int = 42, overrides=None, baseline_seeds=(0, 1),
+               progress: bool = True) -> dict:
+    """Run every stage of the recipe into `out`; returns the top-level run_summary figures."""
+    import json  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    from rec.data.dataset import available_splits  # noqa: PLC0415
+    from rec.demo import _banner  # noqa: PLC0415
+
+    if not data_dir:
+        raise RecError("--data: a MiniOneRec dataset directory is needed to run the recipe")
+    if "test" not in available_splits(data_dir):
+        raise RecError(f"{data_dir}: no test.csv to evaluate on")
+    stage_overrides = parse_stage_overrides(overrides)
+    if not progress:
+        for stage in STAGE_OVERRIDES:
+            stage_overrides[stage].insert(0, "run.progress=false")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    configs_dir = os.path.join(out, "configs")
+    texts = _validated_texts(name, str(data_dir), out, seed)  # before anything is written
+    cfgs = {}
+    with tempfile.TemporaryDirectory(prefix="rec-recipe-") as scratch:
+        for stage, text in texts.items():
+            path = os.path.join(scratch, f"{stage}.yaml")
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+            cfgs[stage] = load_config(path, stage_overrides[stage])
+    _prepare_out(out)
+    write_recipe(name, configs_dir, data_dir=str(data_dir), runs_dir=out, seed=seed)
+
+    from rec.eval.baselines import run_baselines  # noqa: PLC0415
+    from rec.eval.evaluate import run_eval  # noqa: PLC0415
+    from rec.eval.report import write_report  # noqa: PLC0415
+    from rec.tokenizer import build_tokenizer  # noqa: PLC0415
+    from rec.train.rl import run_rl  # noqa: PLC0415
+    from rec.train.sft import run_sft  # noqa: PLC0415
+
+    started = time.perf_counter()
+    total = 6
+    sft_cfg, rl_cfg, eval_cfg = cfgs["sft"], cfgs["rl"], cfgs["eval"]
+    tokenizer_dir = sft_cfg.model.tokenizer
+    timings: dict[str, float] = {}
+
+    def timed(key, fn, *args, **kwargs):
+        t0 = time.perf_counter()
+        result = fn(*args, **kwargs)
+        timings[key] = round(time.perf_counter() - t0, 1)
+        return result
+
+    _banner(1, total, f"tokenizer: byte-level BPE ({SMALL_CPU['tokenizer_vocab']}) on the catalogue text -> {tokenizer_dir}")
+    if not os.path.exists(os.path.join(tokenizer_dir, "tokenizer_config.json")):
+        timed("tokenizer_s", build_tokenizer, data_dir, tokenizer_dir, vocab_size=SMALL_CPU["tokenizer_vocab"])
+    _banner(2, total, f"SFT {sft_cfg.model.shape} model from scratch, tasks {sft_cfg.data.tasks}, "
+                      f"{sft_cfg.train.steps} steps -> {sft_cfg.run.dir}")
+    timed("sft_s", run_sft, sft_cfg)
+    _banner(3, total, f"RL from sft_best, {rl_cfg.train.steps} steps x {rl_cfg.train.batch_size} prompts x "
+                      f"{rl_cfg.rl.generations} beams, beta {rl_cfg.rl.beta} -> {rl_cfg.run.dir}")
+    timed("rl_s", run_rl, rl_cfg)
+    _banner(4, total, f"evaluate SFT (sft_best) and RL ({eval_cfg.model.checkpoint}) on every "
+                      f"{eval_cfg.data.split} row, {eval_cfg.eval.beams} beams")
+    sft_eval = dataclasses.replace(eval_cfg, run=dataclasses.replace(eval_cfg.run, dir=sft_cfg.run.dir),
+                                   model=dataclasses.replace(eval_cfg.model, path=sft_cfg.run.dir, checkpoint="sft_best"))
+    sft_figures = timed("eval_sft_s", run_eval, sft_eval)
+    rl_figures = timed("eval_rl_s", run_eval, eval_cfg)
+    baselines_path = os.path.join(out, "baselines.json")
+    _banner(5, total, f"baselines (popularity, transition, SASRec x {len(baseline_seeds)} seeds) on the same rows "
+                      f"-> {baselines_path}")
+    baselines = timed("baselines_s", run_baselines, data_dir, split=eval_cfg.data.split, out=baselines_path,
+                      k=eval_cfg.eval.beams, echo=False, train_from=sft_cfg.data.train_from or "",
+                      select_fraction=sft_cfg.data.select_fraction, seeds=list(baseline_seeds), progress=progress)
+    _banner(6, total, "run summary, predictions and report")
+    summary = {k: v for k, v in rl_figures.items() if k.startswith("eval/")}
+    summary.update({f"sft/{k}": v for k, v in sft_figures.items() if k.startswith("eval/")})
+    for method, figures in baselines.items():
+        summary.update({f"baselines/{method}/{k}": v for k, v in figures.items() if "@" in k})
+    summary.update({"recipe/name": name, "recipe/seed": seed, "recipe/rl_checkpoint": eval_cfg.model.checkpoint,
+                    "recipe/train_from": sft_cfg.data.train_from or sft_cfg.data.train_split,
+                    **{f"recipe/{k}": v for k, v in timings.items()}})
+    summary["recipe/total_s"] = round(time.perf_counter() - started, 1)
+    storage.write_text(os.path.join(out, "eval_predictions.json"),
+                       storage.read_text(os.path.join(eval_cfg.run.dir, "eval_predictions.json")))
+    storage.write_text(os.path.join(out, "run_summary.json"), json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    report = write_report([sft_cfg.run.dir, eval_cfg.run.dir], os.path.join(out, "report.html"), labels=["SFT", "RL"],
+                          title=f"rec recipe {name}: {os.path.basename(str(data_dir).rstrip('/'))}", baselines=baselines)
+    rows = [("SFT", sft_figures), ("RL", rl_figures)] + [(m, {f"eval/{k}": v for k, v in f.items()}) for m, f in baselines.items()]
+    print(f"\nrecipe finished in {summary['recipe/total_s']:.0f} s ({eval_cfg.data.split} split):", file=sys.stderr)
+    for label, figures in rows:
+        print(f"  {label:<11} HR@10 {figures.get('eval/hr@10', float('nan')):.4f}  "
+              f"NDCG@10 {figures.get('eval/ndcg@10', float('nan')):.4f}", file=sys.stderr)
+    print(report)
+    return summary

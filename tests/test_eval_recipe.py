@@ -1,37 +1,90 @@
-"""`rec recipe small-cpu`: a complete, valid config set for a real dataset directory."""
+"""`rec recipe small-cpu`: the whole recipe in one command (tiny end to end), and its configs."""
+
+import json
+import shutil
 
 import pytest
 
 from rec.cli import main
 from rec.config import load_config
 from rec.errors import RecError
-from rec.recipe import write_recipe
+from rec.recipe import parse_stage_overrides, run_recipe, write_recipe
 
 
-def test_small_cpu_recipe_without_train_csv(synth_dataset_dir, tmp_path):
-    import shutil
-
+def _without_train_csv(synth_dataset_dir, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(synth_dataset_dir, data)
     (data / "train.csv").unlink()  # like the public snapshot
+    return data
+
+
+def test_small_cpu_configs_without_train_csv(synth_dataset_dir, tmp_path):
+    data = _without_train_csv(synth_dataset_dir, tmp_path)
     out = tmp_path / "recipe"
     assert write_recipe("small-cpu", str(out), data_dir=str(data), runs_dir=str(tmp_path / "runs")) == str(out)
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "eval.yaml", "rl.yaml", "sft.yaml"]
     sft, rl, ev = (load_config(str(out / f"{s}.yaml")) for s in ("sft", "rl", "eval"))
     assert sft.data.dir == rl.data.dir == ev.data.dir == str(data)
-    assert sft.data.train_split == rl.data.train_split == "valid"
+    # training rows from valid (+ prefix windows), selection on its held-out slice, eval on test
+    assert sft.data.train_from == rl.data.train_from == "valid" and sft.data.select_fraction > 0
+    assert ev.data.split == "test" and sft.data.split == "test"
     assert rl.model.path == sft.run.dir and rl.model.checkpoint == "sft_best"
-    assert ev.model.path == rl.run.dir and ev.model.checkpoint == "rl_last" and ev.data.split == "test"
+    assert ev.model.path == rl.run.dir and ev.model.checkpoint == "rl_best" and rl.rl.best_metric == "ndcg@10"
     assert sft.model.tokenizer == rl.model.tokenizer == str(tmp_path / "runs" / "tokenizer")
+    assert sft.data.tasks == rl.rl.tasks == ["sid_next_compact"] and ev.eval.prompt == rl.eval.prompt == "compact"
     readme = (out / "README.md").read_text()
     assert f"rec tokenizer build --dataset {data}" in readme and f"rec sft  --config {out}/sft.yaml" in readme
 
 
-def test_recipe_with_train_csv_and_cli(synth_dataset_dir, tmp_path, capsys):
+def test_configs_only_cli_with_train_csv(synth_dataset_dir, tmp_path, capsys):
     out = tmp_path / "r"
-    assert main(["recipe", "small-cpu", "--out", str(out), "--data", synth_dataset_dir]) == 0
+    assert main(["recipe", "small-cpu", "--configs-only", "--out", str(out), "--data", synth_dataset_dir]) == 0
     assert capsys.readouterr().out.strip() == str(out)
-    assert load_config(str(out / "sft.yaml")).data.train_split == "train"
+    sft = load_config(str(out / "sft.yaml"))
+    assert sft.data.train_split == "train" and sft.data.train_from == ""
     with pytest.raises(RecError, match="unknown name"):
         write_recipe("huge-tpu", str(tmp_path / "x"))
     assert not (tmp_path / "x").exists()
+
+
+def test_stage_overrides_and_refusals(synth_dataset_dir, tmp_path, capsys):
+    assert parse_stage_overrides(["sft:train.steps=3", "eval:eval.beams=5"]) == {
+        "sft": ["train.steps=3"], "rl": [], "eval": ["eval.beams=5"]}
+    with pytest.raises(RecError, match="STAGE:key=value"):
+        parse_stage_overrides(["train.steps=3"])
+    # a bad override is reported before anything is written
+    out = tmp_path / "run"
+    assert main(["recipe", "small-cpu", "--data", synth_dataset_dir, "--out", str(out),
+                 "--set", "sft:train.stpes=3"]) == 2
+    assert "train.stpes" in capsys.readouterr().err and not out.exists()
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("x")
+    with pytest.raises(RecError, match="not a previous recipe run"):
+        run_recipe("small-cpu", synth_dataset_dir, str(tmp_path / "busy"))
+
+
+@pytest.mark.slow
+def test_recipe_end_to_end_tiny(synth_dataset_dir, tmp_path, capsys):
+    data = _without_train_csv(synth_dataset_dir, tmp_path)
+    out = tmp_path / "run"
+    args = ["recipe", "small-cpu", "--data", str(data), "--out", str(out), "--baseline-seeds", "2",
+            "--set", "sft:train.steps=30", "--set", "sft:train.eval_every=15", "--set", "rl:train.steps=4",
+            "--set", "rl:rl.eval_every=2", "--set", "eval:eval.beams=10", "--set", "sft:run.progress=false",
+            "--set", "rl:run.progress=false", "--set", "eval:run.progress=false"]
+    assert main(args) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(out / "report.html")
+    for name in ("run_summary.json", "eval_predictions.json", "report.html", "baselines.json", "tokenizer",
+                 "configs/sft.yaml", "sft/run_summary.json", "rl/run_summary.json", "sft/eval_predictions.json"):
+        assert (out / name).exists(), name
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["eval/num_samples"] == summary["sft/eval/num_samples"] > 0
+    assert summary["eval/invalid_prediction_count"] == 0 and summary["eval/beams"] == 10
+    for method in ("popularity", "transition", "sasrec"):
+        assert 0.0 <= summary[f"baselines/{method}/hr@10"] <= 1.0
+    assert summary["recipe/train_from"] == "valid" and summary["recipe/rl_checkpoint"] == "rl_best"
+    predictions = json.loads((out / "eval_predictions.json").read_text())
+    assert len(predictions) == summary["eval/num_samples"] and len(predictions[0]["predict"]) == 10
+    html = (out / "report.html").read_text()
+    assert "SFT" in html and "RL" in html and "sasrec" in html
+    rl_config = (out / "rl" / "config.yaml").read_text()
+    assert "train_from: valid" in rl_config

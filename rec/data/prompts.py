@@ -57,8 +57,8 @@ TITLE_HISTORY_TEMPLATES = (
     "In relation to the user's recent entertainment with a given {category}, it would be appreciated if you could curate a list of {category} that might form part of the user's previous gaming history.",
 )
 
-SFT_TASKS = ("sid_next", "sid_item_feat", "fusion_seq_rec", "title_history", "title_history_sid")
-RL_TASKS = ("sid_next", "title2sid", "seq_title2sid")
+SFT_TASKS = ("sid_next", "sid_item_feat", "fusion_seq_rec", "title_history", "title_history_sid", "sid_next_compact")
+RL_TASKS = ("sid_next", "title2sid", "seq_title2sid", "sid_next_compact")
 
 
 class Prompt(NamedTuple):
@@ -111,6 +111,13 @@ def sid_next_input(history_sids) -> str:
 def sid_next(history_sids, item_sid: str) -> Prompt:
     """SidSFTDataset: SID history -> next SID."""
     return Prompt(header(SID_NEXT_INSTRUCTION), body(sid_next_input(history_sids)), item_sid + "\n", "sid_next")
+
+
+def sid_next_compact(history_sids, item_sid: str) -> Prompt:
+    """Ours, not upstream (the `rec recipe small-cpu` CPU recipe): the SID history with no
+    instruction text, "History: <a_1><b_2><c_3><a_4>...\n### Response:\n" -> next SID. About a
+    fifth of the tokens of `sid_next` with a small BPE, so a CPU sees five times more rows."""
+    return Prompt("", "History: " + "".join(history_sids) + "\n" + RESPONSE_MARK, item_sid + "\n", "sid_next_compact")
 
 
 def sid_to_title(sid: str, title: str) -> Prompt:
@@ -173,6 +180,8 @@ def eval_prompt(history_sids, item_sid: str, style: str = "eval") -> Prompt:
     """EvalSidDataset (style "eval", upstream evaluate.py) or the SFT next-SID wording ("sft")."""
     if style == "sft":
         return sid_next(history_sids, item_sid)._replace(task="eval")
+    if style == "compact":
+        return sid_next_compact(history_sids, item_sid)._replace(task="eval")
     if style != "eval":
         raise ValueError(f"unknown eval prompt style {style!r}")
     return Prompt(header(SID_NEXT_INSTRUCTION), body(eval_input(history_sids)), item_sid + "\n", "eval")

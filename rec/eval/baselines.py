@@ -1,17 +1,20 @@
-"""Non-LLM reference rows for the report, scored with the same calc.py metrics.
+"""`rec baselines`: non-LLM reference rows for the report, scored with the same calc.py metrics
+(`rec.eval.metrics.compute_metrics`: SID level, HR@K/NDCG@K, every row of the evaluated split).
 
-- `popularity`: the most frequent items first, the same list for every user.
-- `transition`: item-to-item transitions ("after X, users took Y"), weighted towards the most
-  recent history items, backfilled with popularity so every user gets `k` distinct SIDs.
+- `popularity`: the most frequent training targets first, the same list for every user.
+- `transition`: item-to-item transitions ("after X, users took Y") from each training row's last
+  history item to its target, scored over the row's history with weights decaying towards older
+  items, backfilled with popularity so every user gets `k` distinct SIDs.
+- `sasrec`: a small causal Transformer over SIDs (rec/eval/sasrec.py), full-softmax loss, early
+  stopping on the selection rows; over >= 2 seeds, mean and std reported.
 
-What the baselines may learn from: the (history -> target) rows of the splits BEFORE the evaluated
-one (train, then valid when scoring test; a missing train.csv is simply skipped). Splits are cut by
-target time, so those rows are all in the past. The evaluated split itself is NOT used for fitting,
-not even its histories: a user's later rows hold the earlier rows' targets in their histories, so
-fitting on them would leak (it lifts the transition baseline's HR@10 on Office test from 0.13 to
-0.49). At prediction time each row's own history is used, as a model would use its prompt. With no
-earlier split (valid without train.csv) there is nothing to learn from and both baselines reduce to
-catalogue order: a floor, not a competitor.
+What the baselines learn from: exactly the rows `rec sft`/`rec rl` train on
+(`rec.data.windows.training_rows`): with `--train-from valid` (the default when there is no
+train.csv and test is scored) every valid row plus every prefix window of its history,
+de-duplicated; the last `--select-fraction` of the source rows is held out for SASRec's early
+stopping. The evaluated split is never used for fitting, not even its histories: a user's later
+rows hold the earlier rows' targets in their histories, so fitting on them would leak. At
+prediction time each row's own history is used, as a model would use its prompt.
 Items are compared as SID strings, like the metric.
 """
 
@@ -86,15 +89,17 @@ def score_baselines(
     catalogue_sids: Sequence[str],
     k: int = 50,
 ) -> dict[str, dict]:
-    """Metrics of both baselines. `fit_pairs`: (history, target) rows the baselines may learn from
-    (earlier splits); `eval_pairs`: (history, target) to score (each row's own history is its input)."""
-    fit_sequences = [list(h) + [t] for h, t in fit_pairs]
-    counts = popularity_counts(fit_sequences)
+    """Metrics of the popularity and transition baselines. `fit_pairs`: the (history, target)
+    training rows; each row counts once: its target for popularity, its last history item ->
+    target for transitions (the rows already hold every prefix window, rec/data/windows.py, so
+    every consecutive pair of a sequence is one row). `eval_pairs`: (history, target) to score
+    (each row's own history is its input)."""
+    counts = popularity_counts([t] for _, t in fit_pairs)
     # every catalogue SID can be recommended; never-seen ones go last (count 0, in SID order)
     for sid in catalogue_sids:
         counts.setdefault(sid, 0)
     popular = ranked_by_count(counts)
-    table = transition_counts(fit_sequences)
+    table = transition_counts([h[-1], t] for h, t in fit_pairs if len(h))
     records = {"popularity": [], "transition": []}
     for history, target in eval_pairs:
         records["popularity"].append({"output": target + "\n", "predict": popularity_predict(popular, k)})
@@ -103,26 +108,116 @@ def score_baselines(
     return {name: compute_metrics(recs, valid) for name, recs in records.items()}
 
 
+def score_sasrec(
+    fit_pairs, select_pairs, eval_pairs, catalogue_sids: Sequence[str], k: int = 50, seeds: Sequence[int] = (0, 1),
+    cfg=None, progress: bool = False,
+) -> dict:
+    """SASRec over several seeds: mean metrics, plus `std` (sample std over seeds), `per_seed`,
+    `best_epochs` (chosen on the selection pairs) and the settings used."""
+    import dataclasses  # noqa: PLC0415
+
+    import numpy as np  # noqa: PLC0415
+
+    from rec.eval import sasrec  # noqa: PLC0415
+
+    cfg = cfg or sasrec.SASRecConfig()
+    valid = set(catalogue_sids)
+    per_seed, best_epochs = [], []
+    for seed in seeds:
+        result = sasrec.fit(fit_pairs, select_pairs, catalogue_sids, cfg, seed=int(seed), progress=progress)
+        predicted = sasrec.predict(result.params, cfg, [h for h, _ in eval_pairs], catalogue_sids, k)
+        records = [{"output": t + "\n", "predict": p} for (_, t), p in zip(eval_pairs, predicted, strict=True)]
+        per_seed.append(compute_metrics(records, valid))
+        best_epochs.append(result.best_epoch)
+    keys = [key for key in per_seed[0] if "@" in key]
+    out: dict = {key: float(np.mean([m[key] for m in per_seed])) for key in keys}
+    out.update({key: per_seed[0][key] for key in ("invalid_prediction_count", "num_samples", "beams")})
+    out["std"] = {key: float(np.std([m[key] for m in per_seed], ddof=1)) if len(per_seed) > 1 else 0.0 for key in keys}
+    out["seeds"] = [int(s) for s in seeds]
+    out["per_seed"] = [{key: m[key] for key in keys} for m in per_seed]
+    out["best_epochs"] = best_epochs
+    out["config"] = dataclasses.asdict(cfg)
+    return out
+
+
 def _pairs(rows) -> list[tuple[list[str], str]]:
     return [(list(row.history_sids), row.item_sid) for row in rows]
 
 
-def run_baselines(data_dir: str, split: str = "test", out: str = "", k: int = 50, echo: bool = True) -> dict:
-    """`rec baselines`: score both baselines on `split` of a dataset directory; print (and write) JSON."""
-    from rec.data.dataset import load_catalogue, read_split
+def baseline_rows(data_dir: str, split: str, train_from: str | None = None, select_fraction: float = 0.1):
+    """(training rows, selection rows, evaluated rows), the same rows `rec sft`/`rec rl` use for
+    `data.train_from=<train_from> data.split=<split>`. `train_from=None`: the train split when the
+    dataset has train.csv (selection: valid when scoring test, else the last `select_fraction` of
+    the train rows), else the split before `split` (valid for test)."""
+    from rec.config import DataConfig  # noqa: PLC0415
+    from rec.data.dataset import available_splits, read_split  # noqa: PLC0415
+    from rec.data.windows import split_for_selection, training_rows  # noqa: PLC0415
 
     if split not in SPLIT_ORDER:
         raise RecError(f"--split: expected one of {', '.join(SPLIT_ORDER)}, got {split!r}")
+    have = available_splits(data_dir)
+    if train_from is None:
+        earlier = [s for s in SPLIT_ORDER[: SPLIT_ORDER.index(split)] if s in have]
+        if "train" in earlier:
+            train_from = ""
+        elif earlier:
+            train_from = earlier[-1]
+        else:
+            raise RecError(
+                f"{data_dir}: no split before '{split}' to train the baselines on (has: {', '.join(have) or 'none'}); "
+                "e.g. --split test --train-from valid"
+            )
+    data_cfg = DataConfig(dir=data_dir, split=split, train_from=train_from, train_split="train",
+                          valid_split="valid" if split == "test" and "valid" in have else "",
+                          select_fraction=select_fraction)
+    train, select = training_rows(data_cfg)
+    if not select:
+        train, select = split_for_selection(train, select_fraction or 0.1)
+    return train, select, read_split(data_dir, split)
+
+
+def format_table(results: dict, ks: Sequence[int] = (1, 3, 5, 10, 20, 50)) -> str:
+    """Methods x HR@K / NDCG@K; SASRec as mean ± std over its seeds."""
+    cols = [f"hr@{k}" for k in ks] + [f"ndcg@{k}" for k in ks]
+    cols = [c for c in cols if any(c in r for r in results.values())]
+    width = 15
+    lines = ["method".ljust(12) + "".join(c.rjust(width) for c in cols)]
+    for name, figures in results.items():
+        std = figures.get("std", {})
+        cells = []
+        for c in cols:
+            value = figures.get(c)
+            text = "-" if value is None else f"{value:.4f}" + (f"±{std[c]:.4f}" if c in std else "")
+            cells.append(text.rjust(width))
+        lines.append(name.ljust(12) + "".join(cells))
+    return "\n".join(lines)
+
+
+def run_baselines(data_dir: str, split: str = "test", out: str = "", k: int = 50, echo: bool = True,
+                  train_from: str | None = None, select_fraction: float = 0.1, seeds: Sequence[int] = (0, 1),
+                  sasrec_cfg=None, progress: bool = True) -> dict:
+    """`rec baselines`: popularity, transition and SASRec (over `seeds`; none = skip) on `split`;
+    prints a table (echo) and writes JSON to `out`."""
+    import sys  # noqa: PLC0415
+
+    from rec.data.dataset import load_catalogue  # noqa: PLC0415
+
     catalogue = load_catalogue(data_dir)
-    eval_rows = read_split(data_dir, split)
-    fit_rows = []
-    for earlier in SPLIT_ORDER[: SPLIT_ORDER.index(split)]:
-        if storage.exists(storage.join(data_dir, f"{earlier}.csv")):
-            fit_rows += read_split(data_dir, earlier)
-    results = score_baselines(_pairs(fit_rows), _pairs(eval_rows), sorted(set(catalogue.all_sids)), k=k)
-    text = json.dumps(results, indent=2)
+    train, select, eval_rows = baseline_rows(data_dir, split, train_from, select_fraction)
+    sids = sorted(set(catalogue.all_sids))
+    k = min(k, len(sids))
+    # popularity / transition have nothing to select: they fit on training + selection rows
+    results = score_baselines(_pairs(train) + _pairs(select), _pairs(eval_rows), sids, k=k)
+    if seeds:
+        if progress:
+            print(f"sasrec: {len(train)} training rows, {len(select)} selection rows, seeds {list(seeds)}",
+                  file=sys.stderr, flush=True)
+        results["sasrec"] = score_sasrec(_pairs(train), _pairs(select), _pairs(eval_rows), sids, k=k, seeds=seeds,
+                                         cfg=sasrec_cfg, progress=progress)
+        results["sasrec"].update(train_rows=len(train), select_rows=len(select))
     if out:
-        storage.write_text(out, text + "\n")
+        storage.write_text(out, json.dumps(results, indent=2) + "\n")
     if echo:
-        print(text)
+        print(f"{split} split of {data_dir}: {len(eval_rows)} rows, {k} recommendations each")
+        print(format_table(results))
     return results

@@ -39,6 +39,13 @@ lint: $(VENV)/.ok ## ruff
 bench: $(VENV)/.ok ## eval benchmark on the tiny shape with the real Office valid split
 	$(REC) bench eval --shape tiny --beams 50 --data ../shared/data/minionerec/Office_Products
 
+bench-data: ## copy Industrial's valid split + catalogue to .bench-data/ (ignored) for a device machine without ../shared
+	mkdir -p .bench-data/Industrial_and_Scientific
+	cp ../shared/data/minionerec/Industrial_and_Scientific/{valid.csv,info.txt,index.json,item.json} .bench-data/Industrial_and_Scientific/
+
+bench-device: ## the performance-issue benchmarks (Qwen2.5-1.5B shape) on an accelerator: tools/bench_device.sh
+	tools/bench_device.sh
+
 # ---- GKE TPU deployment (docs/DEPLOY.md) ------------------------------------------------------
 # K8S_ENV=<k8s/values/env/*.yaml> DATASET=industrial|office (|all for render/status) RUN=<run name>
 # TIMEOUT=<per step, e.g. 48h> DRY_RUN=1 (print the plan only) STEP=<sft|rl|upload|eval|grpo> TAIL=<lines>
@@ -79,4 +86,4 @@ image: ## build the container image with docker or buildah (IMAGE=..., PUSH=1)
 clean: ## remove runs/ (rendered manifests are committed: re-create them with make render)
 	rm -rf runs
 
-.PHONY: help venv demo test test-fast lint bench render validate train upload eval pipeline grpo status logs image clean
+.PHONY: help venv demo test test-fast lint bench bench-data bench-device render validate train upload eval pipeline grpo status logs image clean

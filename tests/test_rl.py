@@ -184,32 +184,35 @@ def test_rl_run_raises_reward_and_writes_checkpoints(tmp_path, synth_tokenizer_d
 
 @pytest.mark.slow
 def test_rl_resume_ends_in_the_same_state(tmp_path, synth_tokenizer_dir, monkeypatch):
-    """4 steps in one go vs a run killed right after its rl_last@2 checkpoint and restarted with the
-    same command (reference sync every 3 steps, so the restored reference matters too). Two PPO
-    updates per rollout batch, so the clipped-ratio path runs as well."""
+    """4 steps in one go vs a run preempted (SIGTERM) after step 2 and restarted with the same
+    command (reference sync every 3 steps, so the restored reference matters too). The periodic
+    save is every 4 steps, so rl_last@2 can only come from the preemption save. Two PPO updates
+    per rollout batch, so the clipped-ratio path runs as well."""
+    import os
+    import signal
+
     from rec import checkpoint
+    from rec.dist.preemption import Preempted
 
     data_dir = _single_target_dataset(tmp_path)
-    extra = ["rl.eval_limit=0", "rl.best_metric=", "checkpoint.every_steps=2", "train.lr=0.003", "rl.updates_per_batch=2"]
+    extra = ["rl.eval_limit=0", "rl.best_metric=", "checkpoint.every_steps=4", "train.lr=0.003", "rl.updates_per_batch=2"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     RL.run_rl(load_config(TINY_RL, _tiny_overrides(data_dir, synth_tokenizer_dir, straight, 4) + extra))
 
-    class Killed(Exception):
-        pass
+    real_step = RL.rl_step
 
-    real_save = checkpoint.Checkpointer.save
-
-    def save_then_die(self, tag, state, step, meta=None, keep=1):
-        path = real_save(self, tag, state, step, meta, keep)
-        if step == 2:
-            raise Killed()
-        return path
+    def step_then_sigterm(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives during the step, as a preemption notice would
+        return out
 
     cfg = load_config(TINY_RL, _tiny_overrides(data_dir, synth_tokenizer_dir, resumed, 4) + extra)
-    monkeypatch.setattr(checkpoint.Checkpointer, "save", save_then_die)
-    with pytest.raises(Killed):
+    monkeypatch.setattr(RL, "rl_step", step_then_sigterm)
+    handler_before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Preempted, match="at step 2"):
         RL.run_rl(cfg)
-    monkeypatch.setattr(checkpoint.Checkpointer, "save", real_save)
+    monkeypatch.setattr(RL, "rl_step", real_step)
+    assert signal.getsignal(signal.SIGTERM) == handler_before  # our handler removed again
     assert checkpoint.latest_step(str(resumed), "rl_last") == 2
     RL.run_rl(cfg)
     assert checkpoint.latest_step(str(resumed), "rl_last") == 4

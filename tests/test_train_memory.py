@@ -98,17 +98,24 @@ ESTIMATE_V6E16 = textwrap.dedent(
                               cfg.model.remat, configured_gib=32)
         out[rows] = {"params": est.params, "optimizer": est.optimizer, "total": est.total,
                      "capacity": est.capacity}
+    # the rollout trainer's check (adds the beam-search KV cache) on the RL config
+    from rec.train.common import check_rollout_memory
+
+    rl = load_config(sys.argv[2], ["mesh.memory_per_chip_gib=32"])
+    check_rollout_memory(rl, state, shape, mesh, rl.train.micro_batch_size, rl.rl.generations,
+                         max(rl.data.length_buckets) + 5, ref_params=state.params)
     print(json.dumps({"params_total": sum(x.size for x in jax.tree.leaves(params)), "estimates": out}))
     """
 )
 
 
 @pytest.mark.slow
-def test_v6e16_sft_config_fits_and_a_16x_micro_batch_does_not(tmp_path):
+def test_v6e16_configs_fit_and_a_16x_micro_batch_does_not(tmp_path):
     script = tmp_path / "estimate.py"
     script.write_text(ESTIMATE_V6E16)
     result = subprocess.run(
-        [sys.executable, str(script), "configs/sft/industrial-v6e16.yaml"], cwd=ROOT,
+        [sys.executable, str(script), "configs/sft/industrial-v6e16.yaml", "configs/rl/industrial-v6e16.yaml"],
+        cwd=ROOT,
         env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT), capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -206,15 +206,17 @@ def resume_rollout_state(cfg: Config, tag: str, state, ref_params, tx, mesh):
 
 
 def check_rollout_memory(cfg: Config, state, shape, mesh, micro_prompts: int, group: int, seq_len: int,
-                         batch_key: str = "train.micro_batch_size") -> None:
+                         ref_params=None, batch_key: str = "train.micro_batch_size") -> None:
     """Pre-flight memory check of a rollout trainer: micro-batches of `micro_prompts` x `group`
-    sequences of `seq_len` tokens, plus the KV cache of one rollout call of the same rows."""
-    from rec.train.memory import check_fits, estimate
+    sequences of `seq_len` tokens, plus the KV cache of one rollout call of the same rows and the
+    reference parameters (a second copy, when the stage keeps one)."""
+    from rec.train.memory import check_fits, estimate, shard_bytes
 
     rows = micro_prompts * group
     per_chip_rows = -(-rows // dist.batch_divisor(mesh))
     kv_cache = (2 * shape.num_layers * per_chip_rows * seq_len * shape.num_kv_heads * shape.head_dim
                 * jnp.dtype(cfg.model.compute_dtype).itemsize)
+    reference = shard_bytes(ref_params) if ref_params is not None else 0.0
     est = estimate(state, shape, mesh, rows, seq_len, cfg.model.compute_dtype, cfg.model.remat,
-                   extra_bytes=kv_cache, configured_gib=cfg.mesh.memory_per_chip_gib)
+                   extra_bytes=kv_cache + reference, configured_gib=cfg.mesh.memory_per_chip_gib)
     check_fits(est, batch_key, micro_prompts, "data.max_len", seq_len)

@@ -288,7 +288,8 @@ def run_grpo(cfg) -> dict:
         if is_primary():
             print(f"grpo: resuming from {LAST_TAG} step {int(state.step)}", file=sys.stderr)
 
-    check_rollout_memory(cfg, state, setup.shape, mesh, setup.micro_prompts, group, setup.width + g.max_new_tokens)
+    check_rollout_memory(cfg, state, setup.shape, mesh, setup.micro_prompts, group, setup.width + g.max_new_tokens,
+                         ref_params=ref_params)
     prepare_run_dir(cfg, STAGE, extra={**setup.fast, "total_steps": setup.total_steps,
                                        "num_problems": len(setup.train_ids), "prompt_width": setup.width},
                     tokenizer=setup.tokenizer)

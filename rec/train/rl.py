@@ -473,7 +473,7 @@ def run_rl(cfg) -> dict:
 
     # Prompt bucket + the completion (the SID tokens, "\n" and EOS).
     check_rollout_memory(cfg, state, setup.shape, mesh, setup.micro_prompts, rl.generations,
-                         max(cfg.data.length_buckets) + setup.trie.depth + 2)
+                         max(cfg.data.length_buckets) + setup.trie.depth + 2, ref_params=ref_params)
     prepare_run_dir(cfg, STAGE, extra={"total_steps": setup.total_steps, "num_prompts": len(setup.prompt_ids),
                                        "rollout_fast_qwen2_decode_attention": setup.decode_attention == "fast"},
                     tokenizer=setup.tokenizer)

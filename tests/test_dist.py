@@ -153,7 +153,7 @@ def test_preemption_guard_single_process_flags_sigterm_and_restores_the_handler(
     import os
     import signal
 
-    from rec.dist.preemption import PreemptionGuard, Preempted
+    from rec.dist.preemption import Preempted, PreemptionGuard
 
     before = signal.getsignal(signal.SIGTERM)
     with PreemptionGuard() as guard:
@@ -162,3 +162,22 @@ def test_preemption_guard_single_process_flags_sigterm_and_restores_the_handler(
         assert guard.reached(2)
     assert signal.getsignal(signal.SIGTERM) == before
     assert "step 7" in str(Preempted(7, "runs/x/checkpoints/sft_last/7"))
+
+
+def test_launch_local_checks_arguments_and_returns_the_failing_exit_code(tmp_path):
+    from rec.dist.launch import launch_local, process_env
+
+    with pytest.raises(RecError, match="--processes must be >= 1"):
+        launch_local(["data", "check", "x"], 0)
+    with pytest.raises(RecError, match="name the rec command"):
+        launch_local([], 2)
+    env = process_env(1, 2, 1234, cpu_devices=3, base={"JAX_PROCESS_ID": "7", "XLA_FLAGS": "--foo"})
+    assert env["REC_PROCESS_ID"] == "1" and env["REC_NUM_PROCESSES"] == "2"
+    assert env["REC_COORDINATOR_ADDRESS"] == "127.0.0.1:1234" and "JAX_PROCESS_ID" not in env
+    assert env["XLA_FLAGS"] == "--foo --xla_force_host_platform_device_count=3"
+    # a user error in the command (exit 2) comes back as the launcher's exit code, with the logs
+    code = launch_local(["data", "check", str(tmp_path / "missing")], 2, log_dir=str(tmp_path / "logs"),
+                        echo=False, timeout=120, env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT)
+    assert code == 2
+    for pid in (0, 1):
+        assert "error:" in (tmp_path / "logs" / f"process_{pid}.log").read_text()

@@ -10,7 +10,7 @@ Stages (each announced with a banner on stderr, each with its own progress bars)
    trains the task it evaluates (the mixture is what configs/sft/*.yaml and `rec recipe` use);
 4. RL from the SFT's best checkpoint (configs/tiny/rl.yaml), unless rl=False;
 5. evaluate SFT and RL with constrained beam search on every test row (configs/tiny/eval.yaml),
-   plus the popularity / item-to-item baselines;
+   plus the popularity / item-to-item / SASRec baselines;
 6. write report.html and print its path (stdout, last line).
 
 Layout under `out`: data/, tokenizer/, sft/, rl/ (run directories with their own
@@ -119,7 +119,11 @@ def run_demo(out: str = "runs/demo", rl: bool = True, quick: bool = False) -> st
         run_eval(_config("eval.yaml", [f"data.dir={data_dir}", f"model.path={run_dir}", f"model.checkpoint={tag}",
                                        f"run.dir={run_dir}", f"eval.beams={beams}"]))
     baselines_path = os.path.join(out, "baselines.json")
-    run_baselines(data_dir, split="test", out=baselines_path, k=beams, echo=False)
+    from rec.eval.sasrec import SASRecConfig
+
+    # popularity, transition and SASRec (2 seeds; 1 short one in quick mode) on the SFT's training rows
+    run_baselines(data_dir, split="test", out=baselines_path, k=beams, echo=False, seeds=(0,) if quick else (0, 1),
+                  sasrec_cfg=SASRecConfig(max_epochs=10) if quick else None, progress=False)
 
     stage += 1
     report_path = os.path.join(out, "report.html")

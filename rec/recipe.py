@@ -45,12 +45,12 @@ SMALL_CPU = {
     "sft_weight_decay": 0.1,
     "sft_eval_every": 250,
     "length_buckets": [16, 24, 32, 48],  # compact prompts are 15-42 tokens with their target
-    "rl_steps": 200,
+    "rl_steps": 100,
     "rl_batch": 16,
-    "rl_generations": 8,
-    "rl_lr": 3e-4,
+    "rl_generations": 16,  # 8 beams sharpened the top (HR@1 up) but lost HR@10 on the selection slice
+    "rl_lr": 1e-4,
     "rl_beta": 1e-3,
-    "rl_eval_every": 50,
+    "rl_eval_every": 25,
     "eval_beams": 50,
 }
 

@@ -37,4 +37,4 @@ def test_demo_quick(tmp_path, capsys):
         assert summary["eval/invalid_prediction_count"] == 0
         assert summary["eval/num_samples"] == len(json.loads((out / run / "eval_predictions.json").read_text()))
     baselines = json.loads((out / "baselines.json").read_text())
-    assert set(baselines) == {"popularity", "transition"}
+    assert set(baselines) == {"popularity", "transition", "sasrec"}

@@ -86,5 +86,43 @@ def test_recipe_end_to_end_tiny(synth_dataset_dir, tmp_path, capsys):
     assert len(predictions) == summary["eval/num_samples"] and len(predictions[0]["predict"]) == 10
     html = (out / "report.html").read_text()
     assert "SFT" in html and "RL" in html and "sasrec" in html
-    rl_config = (out / "rl" / "config.yaml").read_text()
-    assert "train_from: valid" in rl_config
+    # SFT, RL and the baselines trained on the same rows: valid + prefix windows, minus the selection slice
+    import yaml
+
+    from rec.data.dataset import read_split
+    from rec.data.windows import windowed_rows
+
+    train_rows, select_rows = windowed_rows(read_split(str(data), "valid"), 0.1)
+    sft_config = yaml.safe_load((out / "sft" / "config.yaml").read_text())
+    rl_config = yaml.safe_load((out / "rl" / "config.yaml").read_text())
+    assert sft_config["data"]["train_from"] == rl_config["data"]["train_from"] == "valid"
+    assert sft_config["resolved"]["train_examples"] == rl_config["resolved"]["num_prompts"] == len(train_rows)
+    assert sft_config["resolved"]["valid_examples"] == len(select_rows)
+    sasrec = json.loads((out / "baselines.json").read_text())["sasrec"]
+    assert (sasrec["train_rows"], sasrec["select_rows"]) == (len(train_rows), len(select_rows))
+
+
+def test_compact_prompt_is_one_wording_everywhere(synth_dataset_dir, synth_tokenizer_dir):
+    from rec.data import prompts as P
+    from rec.data.dataset import load_catalogue, read_split
+    from rec.data.rl import rl_prompts
+    from rec.data.sft import build_sft_examples, build_valid_examples, sft_prompts
+    from rec.tokenizer import add_sid_tokens, load_tokenizer, sid_tokens
+
+    row = read_split(synth_dataset_dir, "valid", limit=1)[0]
+    p = P.sid_next_compact(row.history_sids, row.item_sid)
+    assert p.header == "" and p.body == "History: " + "".join(row.history_sids) + "\n### Response:\n"
+    assert p.target == row.item_sid + "\n"
+    # SFT rows, RL prompts and eval prompts read the same text
+    cat = load_catalogue(synth_dataset_dir)
+    assert sft_prompts(cat, [row], ["sid_next_compact"], "x", 0)[0] == p
+    assert rl_prompts(cat, [row], ["sid_next_compact"])[0].text == p.body
+    assert P.eval_prompt(row.history_sids, row.item_sid, "compact").body == p.body
+    tok = load_tokenizer(synth_tokenizer_dir)
+    add_sid_tokens(tok, sid_tokens(cat))
+    train = build_sft_examples(tok, cat, [row], ["sid_next_compact"], "x", 0, 64)
+    valid = build_valid_examples(tok, [row], 64, compact=True)
+    assert train[0].input_ids.tolist() == valid[0].input_ids.tolist()
+    assert len(valid[0].input_ids) < len(build_valid_examples(tok, [row], 4096)[0].input_ids) / 2
+    with pytest.raises(RecError, match="eval.prompt"):
+        load_config(None, ["eval.prompt=short"])

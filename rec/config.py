@@ -40,7 +40,7 @@ class ModelConfig:
     # to start from random weights of `shape` (tests, benchmarks, the demo).
     path: str = ""
     checkpoint: str = ""  # tag inside a run directory; "" = the stage's default (sft_best for rl/eval)
-    shape: str = "tiny"  # named shape for random init: tiny | qwen2.5-0.5b | qwen2.5-1.5b | qwen2.5-3b | qwen2.5-7b
+    shape: str = "tiny"  # named shape for random init: tiny | mini | qwen2.5-0.5b | qwen2.5-1.5b | qwen2.5-3b | qwen2.5-7b
     tokenizer: str = ""  # tokenizer directory; "" = the model directory (or the run's tokenizer/)
     param_dtype: str = "float32"  # float32 | bfloat16
     compute_dtype: str = "bfloat16"  # float32 | bfloat16

@@ -187,7 +187,13 @@ def make_mesh(mesh_shape: str = "auto", devices: Sequence[Any] | None = None) ->
     `mesh_utils.create_device_mesh` is used when it accepts the shape.
     """
     devices = list(jax.devices() if devices is None else devices)
-    shape = parse_mesh_shape(mesh_shape, len(devices))
+    try:
+        shape = parse_mesh_shape(mesh_shape, len(devices))
+    except RecError as exc:
+        # Say what this run actually has: a slice with a missing host shows up here.
+        raise RecError(
+            f"{exc} (this run: {jax.process_count()} process(es), {len(devices)} {devices[0].platform} device(s))"
+        ) from None
     grid = None
     if devices[0].platform == "tpu":
         try:

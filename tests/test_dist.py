@@ -181,3 +181,8 @@ def test_launch_local_checks_arguments_and_returns_the_failing_exit_code(tmp_pat
     assert code == 2
     for pid in (0, 1):
         assert "error:" in (tmp_path / "logs" / f"process_{pid}.log").read_text()
+
+
+def test_mesh_that_does_not_match_the_run_names_processes_and_devices():
+    with pytest.raises(RecError, match=r"needs 16 devices, but 1 are available \(this run: 1 process\(es\), 1 cpu"):
+        dist.make_mesh("1,16,1", devices=jax.devices()[:1])

@@ -159,7 +159,7 @@ def shape_with_vocab(shape: ModelShape, vocab_size: int) -> ModelShape:
     return dataclasses.replace(shape, vocab_size=int(vocab_size))
 
 
-def _qwen25(hidden, inter, layers, heads, kv, vocab=151936, tied=True) -> ModelShape:
+def _qwen2_shape(hidden, inter, layers, heads, kv, vocab=151936, tied=True) -> ModelShape:
     return ModelShape(
         vocab_size=vocab,
         hidden_size=hidden,
@@ -178,37 +178,13 @@ def _qwen25(hidden, inter, layers, heads, kv, vocab=151936, tied=True) -> ModelS
 # Published Qwen2.5 config.json numbers. `tiny` has a placeholder vocabulary: callers size it to
 # their tokenizer with `shape_with_vocab`.
 SHAPES: dict[str, ModelShape] = {
-    "tiny": ModelShape(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        rope_theta=1_000_000.0,
-        rms_norm_eps=1e-6,
-        tie_embeddings=True,
-        max_position_embeddings=32768,
-    ),
-    # `rec recipe small-cpu`: tiny's width, twice its depth and a wider MLP (vocabulary sized to the tokenizer)
-    "mini": ModelShape(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=256,
-        num_layers=4,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        rope_theta=1_000_000.0,
-        rms_norm_eps=1e-6,
-        tie_embeddings=True,
-        max_position_embeddings=32768,
-    ),
-    "qwen2.5-0.5b": _qwen25(896, 4864, 24, 14, 2),
-    "qwen2.5-1.5b": _qwen25(1536, 8960, 28, 12, 2),
-    "qwen2.5-3b": _qwen25(2048, 11008, 36, 16, 2),
-    "qwen2.5-7b": _qwen25(3584, 18944, 28, 28, 4, vocab=152064, tied=False),
+    "tiny": _qwen2_shape(64, 128, 2, 4, 2, vocab=256),
+    # tiny's width, twice its depth and a wider MLP; tried for the CPU recipe (docs/RECIPE.md)
+    "mini": _qwen2_shape(64, 256, 4, 4, 2, vocab=256),
+    "qwen2.5-0.5b": _qwen2_shape(896, 4864, 24, 14, 2),
+    "qwen2.5-1.5b": _qwen2_shape(1536, 8960, 28, 12, 2),
+    "qwen2.5-3b": _qwen2_shape(2048, 11008, 36, 16, 2),
+    "qwen2.5-7b": _qwen2_shape(3584, 18944, 28, 28, 4, vocab=152064, tied=False),
 }
 
 

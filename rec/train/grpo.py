@@ -359,16 +359,13 @@ def run_grpo(cfg) -> dict:
                 last_metrics.update({f"eval/{k}": v for k, v in last_eval.items()})
                 last_metrics["eval_s"] = time.perf_counter() - t2
             logger.log(step, last_metrics)
-            if step % save_every == 0 or step == setup.total_steps:
+            # SIGTERM (preemption): every process saves this same step, then the CLI exits 143.
+            preempted = guard.reached(step) and step < setup.total_steps
+            if (step % save_every == 0 or step == setup.total_steps or preempted) and writer.last_saved(LAST_TAG) != step:
                 logger.flush()
                 writer.save(LAST_TAG, rollout_checkpoint_tree(state, ref_params), step, _meta(setup, step),
                             keep=cfg.checkpoint.keep)
-            if guard.reached(step) and step < setup.total_steps:
-                # SIGTERM (preemption): every process saves this same step, then the CLI exits 143.
-                if writer.last_saved(LAST_TAG) != step:
-                    logger.flush()
-                    writer.save(LAST_TAG, rollout_checkpoint_tree(state, ref_params), step, _meta(setup, step),
-                                keep=cfg.checkpoint.keep)
+            if preempted:
                 raise Preempted(step, f"{cfg.run.dir}/checkpoints/{LAST_TAG}/{step}")
     finally:
         guard.close()

@@ -516,16 +516,13 @@ def run_rl(cfg) -> dict:
                     best_value = value
                     logger.flush()
                     writer.save(BEST_TAG, {"params": state.params}, step, _meta(setup, step, best_value))
-            if step % save_every == 0 or step == setup.total_steps:
+            # SIGTERM (preemption): every process saves this same step, then the CLI exits 143.
+            preempted = guard.reached(step) and step < setup.total_steps
+            if (step % save_every == 0 or step == setup.total_steps or preempted) and writer.last_saved(LAST_TAG) != step:
                 logger.flush()
-                writer.save(LAST_TAG, rollout_checkpoint_tree(state, ref_params), step,
-                            _meta(setup, step, best_value), keep=cfg.checkpoint.keep)
-            if guard.reached(step) and step < setup.total_steps:
-                # SIGTERM (preemption): every process saves this same step, then the CLI exits 143.
-                if writer.last_saved(LAST_TAG) != step:
-                    logger.flush()
-                    writer.save(LAST_TAG, rollout_checkpoint_tree(state, ref_params), step, _meta(setup, step, best_value),
-                                keep=cfg.checkpoint.keep)
+                writer.save(LAST_TAG, rollout_checkpoint_tree(state, ref_params), step, _meta(setup, step, best_value),
+                            keep=cfg.checkpoint.keep)
+            if preempted:
                 raise Preempted(step, f"{cfg.run.dir}/checkpoints/{LAST_TAG}/{step}")
     finally:
         guard.close()

@@ -237,11 +237,11 @@ def _train(cfg: Config, crash_after: int | None = None) -> dict:
     # Before anything is written: refuse a config that cannot fit a chip.
     from rec.train.memory import check_fits, estimate
 
+    micro_rows = cfg.train.micro_batch_size or cfg.train.batch_size
     check_fits(
-        estimate(state, shape, mesh, cfg.train.micro_batch_size or cfg.train.batch_size, max(buckets),
-                 cfg.model.compute_dtype, cfg.model.remat, configured_gib=cfg.mesh.memory_per_chip_gib),
-        "train.micro_batch_size", cfg.train.micro_batch_size or cfg.train.batch_size,
-        "data.length_buckets", max(buckets),
+        estimate(state, shape, mesh, micro_rows, max(buckets), cfg.model.compute_dtype, cfg.model.remat,
+                 configured_gib=cfg.mesh.memory_per_chip_gib),
+        "train.micro_batch_size", micro_rows, "data.length_buckets", max(buckets),
     )
 
     pad_id = int(tokenizer.pad_token_id)
@@ -263,7 +263,7 @@ def _train(cfg: Config, crash_after: int | None = None) -> dict:
     state_sh = jax.tree.map(lambda x: x.sharding, state)
     step_fn = make_train_step(loss_fn, optimizer, num_micro, state_shardings=state_sh, mesh=mesh)
     eval_step = make_eval_step(loss_fn, 1)
-    eval_batch = cfg.train.micro_batch_size or cfg.train.batch_size
+    eval_batch = micro_rows
 
     start_step = int(state.step)
     writer = checkpoint.Checkpointer(cfg.run.dir, async_save=cfg.checkpoint.async_save)

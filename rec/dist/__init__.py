@@ -63,7 +63,7 @@ def _env_family(env) -> tuple[str, str, str] | None:
     return None
 
 
-def _positive_int(env, name: str, minimum: int) -> int:
+def _env_int_at_least(env, name: str, minimum: int) -> int:
     raw = env.get(name, "").strip()
     if not raw.lstrip("-").isdigit() or int(raw) < minimum:
         raise RecError(f"environment: {name}={raw!r} must be an integer >= {minimum}")
@@ -75,7 +75,7 @@ def expected_process_count(env: dict[str, str] | None = None) -> int:
     env = os.environ if env is None else env
     family = _env_family(env)
     if family and env.get(family[1], "").strip():
-        return _positive_int(env, family[1], 1)
+        return _env_int_at_least(env, family[1], 1)
     hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
     return max(1, len(hosts))
 
@@ -100,7 +100,7 @@ def init_distributed() -> None:
             raise RecError(
                 f"environment: a multi-process run needs {', '.join(family)}; missing {', '.join(missing)}"
             )
-        process_id = _positive_int(env, family[2], 0)
+        process_id = _env_int_at_least(env, family[2], 0)
         if not 0 <= process_id < expected:
             raise RecError(f"environment: {family[2]}={process_id} is outside 0..{expected - 1}")
         address = env[family[0]].strip()

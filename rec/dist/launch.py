@@ -23,18 +23,10 @@ import threading
 import time
 from collections.abc import Sequence
 
+from rec.dist import ENV_NAMES
 from rec.errors import RecError
 
-# Variables a parent run may have set that would confuse the children's process discovery.
-_CLEARED = (
-    "REC_COORDINATOR_ADDRESS",
-    "REC_NUM_PROCESSES",
-    "REC_PROCESS_ID",
-    "JAX_COORDINATOR_ADDRESS",
-    "JAX_NUM_PROCESSES",
-    "JAX_PROCESS_ID",
-    "TPU_WORKER_HOSTNAMES",
-)
+# A parent run's process-discovery variables (rec.dist.ENV_NAMES) would confuse the children's.
 
 
 def free_port() -> int:
@@ -46,7 +38,7 @@ def free_port() -> int:
 def process_env(process_id: int, processes: int, port: int, cpu_devices: int = 0, base: dict | None = None) -> dict:
     """The environment of local process `process_id` of `processes`."""
     env = dict(os.environ if base is None else base)
-    for key in _CLEARED:
+    for key in ENV_NAMES:
         env.pop(key, None)
     if processes > 1:
         env.update(

@@ -93,6 +93,7 @@ class TrainConfig:
     warmup_ratio: float = 0.0  # used when warmup_steps is 0
     min_lr_ratio: float = 0.0  # floor of the decay as a fraction of lr
     weight_decay: float = 0.0
+    dropout: float = 0.0  # SFT only: residual dropout in the Qwen2 forward (rec.model.qwen2.forward)
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
@@ -116,7 +117,7 @@ class EvalConfig:
     batch_size: int = 8  # prompts per decode call
     topk: list[int] = field(default_factory=lambda: [1, 3, 5, 10, 20, 50])
     limit: int = -1  # evaluate only the first N rows (-1 = all rows of the split)
-    prompt: str = "eval"  # eval: upstream evaluate.py wording; sft: the SFT next-SID wording; compact: sid_next_compact
+    prompt: str = "eval"  # eval: upstream evaluate.py wording; sft: the SFT next-SID wording; compact: sid_next_compact; sequence: sid_sequence
 
 
 @dataclass
@@ -305,7 +306,7 @@ def validate(cfg: Config) -> None:
         "model.param_dtype": (cfg.model.param_dtype, {"float32", "bfloat16"}),
         "model.compute_dtype": (cfg.model.compute_dtype, {"float32", "bfloat16"}),
         "train.schedule": (cfg.train.schedule, {"linear", "cosine", "constant"}),
-        "eval.prompt": (cfg.eval.prompt, {"eval", "sft", "compact"}),
+        "eval.prompt": (cfg.eval.prompt, {"eval", "sft", "compact", "sequence"}),
         "rl.reward": (cfg.rl.reward, {"rule", "ranking", "ranking_only"}),
         "grpo.estimator": (cfg.grpo.estimator, {"grpo", "rloo"}),
         "grpo.fast_generate": (cfg.grpo.fast_generate, {"auto", "on", "off"}),
@@ -345,6 +346,8 @@ def validate(cfg: Config) -> None:
         raise RecError(f"config: 'grpo.top_p' must be in (0, 1], got {cfg.grpo.top_p}")
     if cfg.train.lr < 0:
         raise RecError(f"config: 'train.lr' must be >= 0, got {cfg.train.lr}")
+    if not 0.0 <= cfg.train.dropout < 1.0:
+        raise RecError(f"config: 'train.dropout' must be in [0, 1), got {cfg.train.dropout}")
     if not 0.0 <= cfg.data.select_fraction < 1.0:
         raise RecError(f"config: 'data.select_fraction' must be in [0, 1), got {cfg.data.select_fraction}")
     from rec.data.windows import check_train_from  # noqa: PLC0415

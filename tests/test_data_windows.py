@@ -9,6 +9,8 @@ from rec.config import DataConfig, load_config
 from rec.data.dataset import Row, read_split
 from rec.data.windows import (
     expand_windows,
+    item_sequence,
+    longest_sequences,
     prefix_windows,
     row_key,
     selection_count,
@@ -126,3 +128,25 @@ def test_config_refuses_the_evaluated_split():
         load_config(None, ["data.train_from=valid", "data.select_fraction=1.5"])
     cfg = load_config(None, ["data.train_from=valid"])
     assert cfg.data.train_from == "valid" and cfg.data.select_fraction == 0.1
+
+
+def test_longest_sequences_by_hand():
+    rows = [_row("u", [1], 2), _row("u", [1, 2], 3), _row("v", [1, 2], 3), _row("w", [2], 3), _row("x", [5], 6)]
+    # [1,2] and [1,2,3] (the first of the two equal rows) are inside... only [1,2] is a proper prefix;
+    # [2,3] is a suffix, not a prefix, of [1,2,3], so it stays
+    assert [(r.user_id, item_sequence(r)) for r in longest_sequences(rows)] == [("u", (1, 2, 3)), ("w", (2, 3)), ("x", (5, 6))]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_longest_sequences_keep_every_prediction(seed):
+    """Training on every position of the kept sequences makes exactly the (history -> next item)
+    predictions of every prefix window of every row: nothing lost, no sequence kept twice."""
+    rows = _random_rows(seed)
+    kept = longest_sequences(rows)
+    every = {row_key(w) for r in rows for w in prefix_windows(r)}
+    from_kept = {row_key(w) for r in kept for w in prefix_windows(r)}
+    assert from_kept == every
+    seqs = [item_sequence(r) for r in kept]
+    assert len(seqs) == len(set(seqs))
+    for a in seqs:  # none is a proper prefix of another
+        assert not any(len(b) > len(a) and b[: len(a)] == a for b in seqs)

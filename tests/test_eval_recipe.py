@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from rec.cli import main
@@ -121,8 +122,52 @@ def test_compact_prompt_is_one_wording_everywhere(synth_dataset_dir, synth_token
     tok = load_tokenizer(synth_tokenizer_dir)
     add_sid_tokens(tok, sid_tokens(cat))
     train = build_sft_examples(tok, cat, [row], ["sid_next_compact"], "x", 0, 64)
-    valid = build_valid_examples(tok, [row], 64, compact=True)
+    valid = build_valid_examples(tok, [row], 64, "compact")
     assert train[0].input_ids.tolist() == valid[0].input_ids.tolist()
     assert len(valid[0].input_ids) < len(build_valid_examples(tok, [row], 4096)[0].input_ids) / 2
     with pytest.raises(RecError, match="eval.prompt"):
         load_config(None, ["eval.prompt=short"])
+
+
+def test_sequence_task_trains_every_position_of_the_eval_text(synth_dataset_dir, synth_tokenizer_dir):
+    """`sid_sequence`: one row per longest sequence, "History: " + the SIDs + "\n" + EOS, labelled
+    from the second history item on; the eval/RL prompt is the same text cut after the history, so
+    its tokens are a prefix of the training row's."""
+    from rec.data import prompts as P
+    from rec.data.dataset import load_catalogue, read_split
+    from rec.data.rl import rl_prompts
+    from rec.data.sft import IGNORE, build_sft_examples, build_valid_examples, eval_prompt_ids, valid_wording
+    from rec.data.windows import expand_windows, longest_sequences
+    from rec.tokenizer import add_sid_tokens, load_tokenizer, sid_tokens
+
+    cat = load_catalogue(synth_dataset_dir)
+    tok = load_tokenizer(synth_tokenizer_dir)
+    add_sid_tokens(tok, sid_tokens(cat))
+    rows = [r for r in read_split(synth_dataset_dir, "valid", limit=20) if len(r.history_sids) >= 2]
+    windows = expand_windows(rows)
+    seq = build_sft_examples(tok, cat, windows, ["sid_sequence"], "x", 0, 4096)
+    kept = longest_sequences(windows)
+    assert len(seq) == len(kept) < len(windows)
+    sid_ids = set(tok.convert_tokens_to_ids(sid_tokens(cat)))
+    eos = tok.eos_token_id
+    for row, ex, prompt_ids in zip(kept, seq, eval_prompt_ids(tok, cat, kept, "sequence"), strict=True):
+        ids = ex.input_ids.tolist()
+        assert ids[: len(prompt_ids)] == prompt_ids and ids[-1] == eos
+        assert tok.decode(ids[len(prompt_ids) : -1]) == row.item_sid + "\n"
+        labelled = ex.labels != IGNORE
+        assert (ex.labels[labelled] == ex.input_ids[labelled]).all()
+        # unlabelled: "History: " and the first item's SID tokens; labelled: all the rest
+        first = int(np.argmax(labelled))
+        assert labelled[first:].all()
+        assert sum(int(t) in sid_ids for t in ex.input_ids[:first]) == row.history_sids[0].count("<")
+        assert sum(int(t) in sid_ids for t in ex.input_ids[labelled]) == sum(
+            s.count("<") for s in (*row.history_sids[1:], row.item_sid)
+        )
+    # validation, RL and eval read the same prompt text
+    assert valid_wording(["sid_sequence"]) == "sequence" and valid_wording(["sid_sequence", "sid_next"]) == "sft"
+    row = kept[0]
+    valid = build_valid_examples(tok, [row], 4096, "sequence")[0]
+    assert valid.input_ids.tolist() == seq[0].input_ids.tolist()
+    assert (valid.labels != IGNORE).sum() == len(tok.encode(row.item_sid + "\n", add_special_tokens=False)) + 1
+    assert rl_prompts(cat, [row], ["sid_sequence"])[0].text == P.eval_prompt(row.history_sids, row.item_sid, "sequence").body
+    assert load_config(None, ["eval.prompt=sequence"]).eval.prompt == "sequence"

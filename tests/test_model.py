@@ -39,7 +39,7 @@ VOCAB = 97
 
 # One compiled program per call signature (op-by-op dispatch is much slower on a busy CPU).
 forward = jax.jit(
-    forward, static_argnames=("shape", "compute_dtype", "decode_attention", "remat", "return_hidden")
+    forward, static_argnames=("shape", "compute_dtype", "decode_attention", "remat", "return_hidden", "dropout")
 )
 
 
@@ -540,3 +540,49 @@ def test_decode_step_updates_cache_in_place(attention):
     full = "[2,3,40,2,16]"
     copies = [line for line in compiled.as_text().splitlines() if full in line and " copy(" in line]
     assert not copies, copies[:3]
+
+
+def _row_keys(rows, seed=3):
+    return jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(jnp.asarray(rows))
+
+
+def test_residual_dropout_rate_and_scale():
+    from rec.model.qwen2 import residual_dropout
+
+    x = jnp.ones((4, 50, 64), jnp.float32)
+    y = np.asarray(residual_dropout(x, 0.25, _row_keys(np.arange(4))))
+    np.testing.assert_allclose(np.unique(y), [0.0, 1 / 0.75], rtol=1e-6)
+    assert abs((y == 0).mean() - 0.25) < 0.02  # 12,800 draws: 4 standard deviations
+    assert abs(y.mean() - 1.0) < 0.03  # inverted dropout keeps the expectation
+
+
+def test_dropout_off_is_the_plain_forward_and_on_changes_it():
+    shape = _tiny()
+    params = _params(shape)
+    tokens, mask = _left_padded(VOCAB, [5, 8, 3], 8)
+    pos = positions_from_mask(mask)
+    plain, _ = forward(params, shape, tokens, pos, mask, compute_dtype=jnp.float32)
+    keys = _row_keys(np.arange(3))
+    for kw in ({"dropout": 0.0, "dropout_keys": keys}, {"dropout": 0.3, "dropout_keys": None}):
+        out, _ = forward(params, shape, tokens, pos, mask, compute_dtype=jnp.float32, **kw)
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(plain))
+    dropped, _ = forward(params, shape, tokens, pos, mask, compute_dtype=jnp.float32, dropout=0.3, dropout_keys=keys)
+    assert np.abs(np.asarray(dropped) - np.asarray(plain)).max() > 1e-2
+
+
+def test_dropout_masks_follow_the_row_keys_not_the_batch():
+    """A row's dropout depends on its own key only: the same rows in another batch order (or split
+    over micro-batches / processes) get the same outputs."""
+    shape = _tiny()
+    params = _params(shape)
+    tokens, mask = _left_padded(VOCAB, [5, 8, 3, 6], 8)
+    pos = positions_from_mask(mask)
+    keys = _row_keys(np.arange(4))
+    full, _ = forward(params, shape, tokens, pos, mask, compute_dtype=jnp.float32, dropout=0.2, dropout_keys=keys)
+    pick = np.array([2, 0])
+    part, _ = forward(params, shape, tokens[pick], pos[pick], mask[pick], compute_dtype=jnp.float32, dropout=0.2,
+                      dropout_keys=keys[pick])
+    np.testing.assert_allclose(np.asarray(part), np.asarray(full)[pick], rtol=1e-5, atol=1e-5)
+    other, _ = forward(params, shape, tokens, pos, mask, compute_dtype=jnp.float32, dropout=0.2,
+                       dropout_keys=_row_keys(np.arange(4), seed=4))
+    assert np.abs(np.asarray(other) - np.asarray(full)).max() > 1e-2

@@ -57,8 +57,9 @@ TITLE_HISTORY_TEMPLATES = (
     "In relation to the user's recent entertainment with a given {category}, it would be appreciated if you could curate a list of {category} that might form part of the user's previous gaming history.",
 )
 
-SFT_TASKS = ("sid_next", "sid_item_feat", "fusion_seq_rec", "title_history", "title_history_sid", "sid_next_compact")
-RL_TASKS = ("sid_next", "title2sid", "seq_title2sid", "sid_next_compact")
+SFT_TASKS = ("sid_next", "sid_item_feat", "fusion_seq_rec", "title_history", "title_history_sid", "sid_next_compact",
+             "sid_sequence")
+RL_TASKS = ("sid_next", "title2sid", "seq_title2sid", "sid_next_compact", "sid_sequence")
 
 
 class Prompt(NamedTuple):
@@ -120,6 +121,21 @@ def sid_next_compact(history_sids, item_sid: str) -> Prompt:
     return Prompt("", "History: " + "".join(history_sids) + "\n" + RESPONSE_MARK, item_sid + "\n", "sid_next_compact")
 
 
+def sid_sequence(history_sids, item_sid: str) -> Prompt:
+    """Ours, not upstream: the item sequence itself, "History: <a_1><b_2><c_3><a_4>..." followed
+    directly by the next SID, with everything after the first history item as target. One row
+    trains the next-item prediction at every position of its history (as SASRec trains), and every
+    position is the same task as the last one, because nothing marks where the answer starts: the
+    eval/RL prompt (`sid_sequence_prompt`) is the history alone."""
+    first, rest = history_sids[0], "".join(history_sids[1:])
+    return Prompt("", "History: " + first, rest + item_sid + "\n", "sid_sequence")
+
+
+def sid_sequence_prompt(history_sids, item_sid: str) -> Prompt:
+    """The `sid_sequence` text cut after the history: what generation continues (eval, RL)."""
+    return Prompt("", "History: " + "".join(history_sids), item_sid + "\n", "sid_sequence")
+
+
 def sid_to_title(sid: str, title: str) -> Prompt:
     """SidItemFeatDataset, sid2title direction (answer leak fixed)."""
     return Prompt(
@@ -177,11 +193,14 @@ def eval_input(history_sids) -> str:
 
 
 def eval_prompt(history_sids, item_sid: str, style: str = "eval") -> Prompt:
-    """EvalSidDataset (style "eval", upstream evaluate.py) or the SFT next-SID wording ("sft")."""
+    """EvalSidDataset (style "eval", upstream evaluate.py), the SFT next-SID wording ("sft"), the
+    compact next-SID wording ("compact") or the bare item sequence ("sequence")."""
     if style == "sft":
         return sid_next(history_sids, item_sid)._replace(task="eval")
     if style == "compact":
         return sid_next_compact(history_sids, item_sid)._replace(task="eval")
+    if style == "sequence":
+        return sid_sequence_prompt(history_sids, item_sid)._replace(task="eval")
     if style != "eval":
         raise ValueError(f"unknown eval prompt style {style!r}")
     return Prompt(header(SID_NEXT_INSTRUCTION), body(eval_input(history_sids)), item_sid + "\n", "eval")

@@ -70,6 +70,9 @@ def rl_prompts(catalogue: Catalogue, rows: Sequence[Row], tasks: Sequence[str], 
         elif task == "sid_next_compact":
             for r in rows:
                 add(P.sid_next_compact(r.history_sids, r.item_sid))
+        elif task == "sid_sequence":
+            for r in rows:
+                add(P.sid_sequence_prompt(r.history_sids, r.item_sid))
         elif task == "title2sid":
             # As upstream: dicts over items in id order (last item wins, first fixes the position).
             title_to_sid: dict[str, str] = {}

@@ -24,6 +24,7 @@ import numpy as np
 
 from rec.data import prompts as P
 from rec.data.dataset import Catalogue, Row
+from rec.data.windows import longest_sequences
 from rec.errors import RecError
 
 IGNORE = -100
@@ -61,6 +62,9 @@ def sft_prompts(catalogue: Catalogue, rows: Sequence[Row], tasks: Sequence[str],
             out += [P.sid_next(r.history_sids, r.item_sid) for r in rows]
         elif task == "sid_next_compact":
             out += [P.sid_next_compact(r.history_sids, r.item_sid) for r in rows]
+        elif task == "sid_sequence":
+            # every position is trained, so rows inside a longer row's sequence add nothing
+            out += [P.sid_sequence(r.history_sids, r.item_sid) for r in longest_sequences(rows) if r.history_sids]
         elif task == "sid_item_feat":
             out += [P.sid_to_title(sid, title) for sid, title in sid_to_title.items()]
             out += [P.title_to_sid(title, sid) for title, sid in title_to_sid.items()]
@@ -130,19 +134,36 @@ def build_sft_examples(tok, catalogue: Catalogue, rows: Sequence[Row], tasks: Se
     return tokenize_prompts(tok, sft_prompts(catalogue, rows, tasks, category, seed), max_len, progress)
 
 
-def build_valid_examples(tok, rows: Sequence[Row], max_len: int, compact: bool = False) -> list[Example]:
-    """Validation set (upstream): the next-SID task on the valid split (`compact`: in the
-    `sid_next_compact` wording, for a mixture that trains only that one)."""
-    build = P.sid_next_compact if compact else P.sid_next
+VALID_WORDINGS = {"sft": P.sid_next, "compact": P.sid_next_compact, "sequence": P.sid_sequence_prompt}
+
+
+def valid_wording(tasks: Sequence[str]) -> str:
+    """The next-SID wording a mixture trains, for its validation loss: upstream's ("sft") unless
+    the mixture has only one of the compact tasks."""
+    if "sid_next" not in tasks:
+        if "sid_sequence" in tasks:
+            return "sequence"
+        if "sid_next_compact" in tasks:
+            return "compact"
+    return "sft"
+
+
+def build_valid_examples(tok, rows: Sequence[Row], max_len: int, wording: str = "sft") -> list[Example]:
+    """Validation set (upstream): the next-SID task on the valid split, loss on the target only,
+    in the wording the mixture trains (`valid_wording`)."""
+    build = VALID_WORDINGS[wording]
     return tokenize_prompts(tok, [build(r.history_sids, r.item_sid) for r in rows], max_len)
+
+
+EVAL_STYLES = ("eval", "sft", "compact", "sequence")
 
 
 def eval_prompt_ids(tok, catalogue: Catalogue | None, rows: Sequence[Row], style: str = "eval") -> list[list[int]]:
     """Token ids of the eval prompts (header and body encoded separately; each ends with the
     tokens of "### Response:\\n"). style "eval" = upstream evaluate.py wording, "sft" = the SFT
     next-SID wording. With a catalogue, every history SID must be one of its SIDs."""
-    if style not in ("eval", "sft", "compact"):
-        raise RecError(f"eval.prompt: must be 'eval', 'sft' or 'compact', got {style!r}")
+    if style not in EVAL_STYLES:
+        raise RecError(f"eval.prompt: must be one of {', '.join(EVAL_STYLES)}, got {style!r}")
     if catalogue is not None:
         known = catalogue.sid_to_ids
         for r in rows:
@@ -237,14 +258,15 @@ def collate(examples: Sequence[Example], plan: PlannedBatch, pad_id: int, rows: 
     """Arrays for one planned batch (left padded; over-long examples keep their last tokens).
 
     `rows` (positions inside the global batch, e.g. `rec.dist.process_rows`) materialises only
-    those rows: each process of a multi-host run builds just its part. `real_tokens` (a scalar)
+    those rows: each process of a multi-host run builds just its part; `row_index` says which. `real_tokens` (a scalar)
     counts the non-pad tokens of weighted rows of the WHOLE batch either way (for throughput).
     """
     lengths = np.minimum([len(examples[i]) for i in plan.indices], plan.length)
     real_tokens = np.int64((lengths * (plan.weights > 0)).sum())
     indices, weights = plan.indices, plan.weights
+    row_index = np.arange(len(indices), dtype=np.int32)  # position in the global batch
     if rows is not None:
-        indices, weights = indices[rows], weights[rows]
+        indices, weights, row_index = indices[rows], weights[rows], row_index[rows]
     picked = [examples[i] for i in indices]
     batch = left_pad([e.input_ids for e in picked], plan.length, pad_id)
     labels = np.full((len(picked), plan.length), IGNORE, dtype=np.int32)
@@ -253,6 +275,7 @@ def collate(examples: Sequence[Example], plan: PlannedBatch, pad_id: int, rows: 
         labels[i, plan.length - kept.shape[0] :] = kept
     batch["labels"] = labels
     batch["weights"] = weights.copy()
+    batch["row_index"] = row_index
     batch["real_tokens"] = real_tokens
     return batch
 

@@ -66,6 +66,31 @@ def expand_windows(rows: Iterable[Row]) -> list[Row]:
     return out
 
 
+def item_sequence(row: Row) -> tuple[int, ...]:
+    """The row's items in order: history, then target."""
+    return (*row.history_ids, row.item_id)
+
+
+def longest_sequences(rows: Iterable[Row]) -> list[Row]:
+    """The rows whose item sequence is not a proper prefix of another row's (the first of equal
+    sequences), in input order. A task that is trained on every position of a sequence
+    (`sid_sequence`) sees each shorter prefix row inside a longer one already, so they
+    would only repeat its predictions."""
+    rows = list(rows)
+    prefixes: set[tuple[int, ...]] = set()
+    for row in rows:
+        seq = item_sequence(row)
+        prefixes.update(seq[:i] for i in range(2, len(seq)))
+    seen: set[tuple[int, ...]] = set()
+    out: list[Row] = []
+    for row in rows:
+        seq = item_sequence(row)
+        if seq not in prefixes and seq not in seen:
+            seen.add(seq)
+            out.append(row)
+    return out
+
+
 def selection_count(n_rows: int, fraction: float) -> int:
     """How many of `n_rows` source rows the selection slice holds (>= 1 when fraction > 0,
     always leaving at least one row to train on)."""

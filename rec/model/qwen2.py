@@ -388,6 +388,12 @@ def fast_decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax
 # Forward
 
 
+def residual_dropout(x: jax.Array, rate: float, row_keys: jax.Array) -> jax.Array:
+    """Inverted dropout of x [B,T,H] with one key per row (row_keys [B,2])."""
+    keep = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - rate, x.shape[1:]))(row_keys)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
 def init_cache(
     shape: ModelShape, batch: int, max_len: int, dtype: Any = jnp.bfloat16
 ) -> dict[str, jax.Array]:
@@ -424,6 +430,8 @@ def forward(
     decode_attention: str = "plain",
     remat: bool = False,
     return_hidden: bool = False,
+    dropout: float = 0.0,
+    dropout_keys: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
     """Run the decoder.
 
@@ -431,6 +439,11 @@ def forward(
     causal over token order restricted to valid keys. With a cache, the T new tokens' K/V are
     written at slots [cache_index, cache_index+T) and `mask` [B,S] marks valid cache slots (the new
     tokens included); token t attends to valid slots <= cache_index+t.
+
+    `dropout` > 0 with `dropout_keys` (uint32 [B,2], one PRNG key per row) drops that fraction of
+    the embedding output and of each attention and MLP output before it joins the residual stream
+    (training only; Qwen2 itself ships without dropout). Each row's masks come from its own key,
+    so they do not depend on how the batch is split over micro-batches or processes.
 
     Returns (float32 logits [B,T,Vpad], or final-norm hidden [B,T,H] in compute dtype when
     `return_hidden`) and the updated cache (None without a cache).
@@ -445,6 +458,14 @@ def forward(
     # mode="clip": an out-of-range id in a padding slot (e.g. -1) must not become a NaN row that
     # leaks through 0-weight attention (0 * NaN = NaN); valid ids are unaffected.
     x = jnp.take(params["embed_tokens"]["embedding"], tokens, axis=0, mode="clip").astype(cdtype)
+    use_dropout = dropout > 0.0 and dropout_keys is not None
+    if use_dropout:
+        if cache is not None:
+            raise ValueError("dropout is for training forwards, not with a KV cache")
+        # per row: one key for the embedding, two per layer (attention, MLP)
+        row_keys = jax.vmap(lambda k: jax.random.split(k, 1 + 2 * shape.num_layers))(dropout_keys)  # [B,1+2L,2]
+        x = residual_dropout(x, dropout, row_keys[:, 0])
+        layer_keys = jnp.moveaxis(row_keys[:, 1:].reshape(B, shape.num_layers, 2, -1), 0, 2)  # [L,2,B,2]
     cos, sin = rope_cos_sin(positions, D, shape.rope_theta)
     mask = mask.astype(bool)
 
@@ -469,12 +490,14 @@ def forward(
     use_fast = cache is not None and decode_attention == "fast" and T == 1
     attend = fast_decode_attention if use_fast else plain_attention
 
-    def layer(x, lp, layer_cache):
+    def layer(x, lp, layer_cache, drop_keys=None):
         """One decoder layer.
 
         layer_cache: None (no cache) or (k_all, v_all, layer_id) with the whole [L,B,S,Hkv,D]
         buffers; returns (x, None) or (x, (k_all, v_all)) with this layer's new slots written.
+        drop_keys: None, or [2,B,2] dropout keys (attention output, MLP output).
         """
+        drop = (lambda y, i: y) if drop_keys is None else (lambda y, i: residual_dropout(y, dropout, drop_keys[i]))
         h = rms_norm(x, lp["input_layernorm"]["scale"], eps)
         att = lp["self_attn"]
         q = _dense(h, att["q_proj"]["kernel"], att["q_proj"]["bias"]).reshape(B, T, Hq, D)
@@ -496,22 +519,23 @@ def forward(
             values = lax.dynamic_index_in_dim(v_all, layer_id, axis=0, keepdims=False)
             new_kv = (k_all, v_all)
         out = attend(q, keys, values, allowed).reshape(B, T, Hq * D)
-        x = x + _dense(out, att["o_proj"]["kernel"])
+        x = x + drop(_dense(out, att["o_proj"]["kernel"]), 0)
         h = rms_norm(x, lp["post_attention_layernorm"]["scale"], eps)
         mlp = lp["mlp"]
         gated = jax.nn.silu(_dense(h, mlp["gate_proj"]["kernel"])) * _dense(h, mlp["up_proj"]["kernel"])
-        x = x + _dense(gated, mlp["down_proj"]["kernel"])
+        x = x + drop(_dense(gated, mlp["down_proj"]["kernel"]), 1)
         return x, new_kv
 
     if cache is None:
         # remat only matters for training, which never runs with a cache.
         layer_fn = jax.checkpoint(layer) if remat else layer
 
-        def body(x, lp):
-            x, _ = layer_fn(x, lp, None)
+        def body(x, xs):
+            lp, drop_keys = xs
+            x, _ = layer_fn(x, lp, None, drop_keys)
             return x, None
 
-        x, _ = lax.scan(body, x, params["layers"])
+        x, _ = lax.scan(body, x, (params["layers"], layer_keys if use_dropout else None))
         new_cache = None
     else:
         # The whole cache rides in the scan carry and each layer writes only its T new slots, so

@@ -40,22 +40,29 @@ from rec.train.state import abstract_state, init_state
 log = logging.getLogger("rec.train")
 
 STAGE = "sft"
-BATCH_KEYS = ("input_ids", "labels", "attention_mask", "positions", "weights")
+BATCH_KEYS = ("input_ids", "labels", "attention_mask", "positions", "weights", "row_index")
 
 
 # ---------------------------------------------------------------------------------------------
 # Loss
 
 
-def make_sft_loss(shape, compute_dtype: str = "bfloat16", remat: bool = True, chunk: int = 128):
+def make_sft_loss(shape, compute_dtype: str = "bfloat16", remat: bool = True, chunk: int = 128, dropout: float = 0.0):
     """loss_fn(params, batch, extra) for rec.train.loop: token-mean cross entropy over labels != -100
     of rows with weight > 0, computed from hidden states a sequence chunk at a time (f32
-    log-softmax over the full vocabulary; padded vocabulary rows are -inf)."""
+    log-softmax over the full vocabulary; padded vocabulary rows are -inf).
+
+    With `dropout` > 0, `extra` is the step's PRNG key (None: no dropout, e.g. validation); each
+    row's key folds in its position in the global batch (`row_index`), so the masks are the same
+    however the batch is split over micro-batches and processes."""
     from rec.model.qwen2 import forward, logits_from_hidden
 
     dtype = jnp.dtype(compute_dtype)
 
     def loss_fn(params, batch, extra):
+        keys = None
+        if dropout > 0.0 and extra is not None:
+            keys = jax.vmap(lambda i: jax.random.fold_in(extra, i))(batch["row_index"])
         hidden, _ = forward(
             params,
             shape,
@@ -65,6 +72,8 @@ def make_sft_loss(shape, compute_dtype: str = "bfloat16", remat: bool = True, ch
             compute_dtype=dtype,
             remat=remat,
             return_hidden=True,
+            dropout=dropout,
+            dropout_keys=keys,
         )
         targets = shift_labels(batch["labels"])
         logprobs = chunked_token_logprobs(
@@ -144,7 +153,7 @@ def run_sft(cfg: Config) -> dict:
 
 def _load_data(cfg: Config, tokenizer, catalogue):
     from rec.data.dataset import category_phrase
-    from rec.data.sft import build_sft_examples, build_valid_examples
+    from rec.data.sft import build_sft_examples, build_valid_examples, valid_wording
 
     # data.train_from: windowed rows of an earlier split + its held-out selection slice (rec/data/windows.py)
     from rec.data.windows import training_rows
@@ -155,9 +164,8 @@ def _load_data(cfg: Config, tokenizer, catalogue):
     train = build_sft_examples(
         tokenizer, catalogue, rows, cfg.data.tasks, category, cfg.run.seed, cfg.data.max_len, progress
     )
-    # validate in the wording the mixture trains: compact when it has only the compact next-SID task
-    compact = "sid_next_compact" in cfg.data.tasks and "sid_next" not in cfg.data.tasks
-    valid = build_valid_examples(tokenizer, valid_rows, cfg.data.max_len, compact) if valid_rows else []
+    wording = valid_wording(cfg.data.tasks)
+    valid = build_valid_examples(tokenizer, valid_rows, cfg.data.max_len, wording) if valid_rows else []
     return train, valid
 
 
@@ -259,7 +267,7 @@ def _train(cfg: Config, crash_after: int | None = None) -> dict:
         tokenizer,
     )
 
-    loss_fn = make_sft_loss(shape, cfg.model.compute_dtype, cfg.model.remat)
+    loss_fn = make_sft_loss(shape, cfg.model.compute_dtype, cfg.model.remat, dropout=cfg.train.dropout)
     state_sh = jax.tree.map(lambda x: x.sharding, state)
     step_fn = make_train_step(loss_fn, optimizer, num_micro, state_shardings=state_sh, mesh=mesh)
     eval_step = make_eval_step(loss_fn, 1)
@@ -309,7 +317,9 @@ def _train(cfg: Config, crash_after: int | None = None) -> dict:
         while step < total and not progress_meta["finished"]:
             epoch, index, batch = next(stream)
             t0 = time.perf_counter()
-            state, metrics = step_fn(state, _device_batch(batch, mesh, cfg.train.batch_size))
+            # dropout key of this step: from the seed and the step only, so a resumed run repeats it
+            key = jax.random.fold_in(jax.random.PRNGKey(cfg.run.seed), int(state.step)) if cfg.train.dropout else None
+            state, metrics = step_fn(state, _device_batch(batch, mesh, cfg.train.batch_size), key)
             metrics = {k: float(v) for k, v in metrics.items()}  # syncs: step time is real
             step = int(state.step)
             dt = time.perf_counter() - t0

@@ -2,8 +2,8 @@
 
 `small-cpu` (the only recipe): what a machine with 2 CPU cores runs in under 30 minutes on a real
 MiniOneRec dataset (Office_Products): a byte-level BPE built on the catalogue text (`rec tokenizer
-build`) -> the `tiny` Qwen2-architecture model from random weights -> SFT on the compact next-SID
-task -> RL (constrained-beam GRPO, ranking reward) from `sft_best` -> constrained beam search on
+build`) -> the `tiny` Qwen2-architecture model from random weights -> SFT on the bare SID sequence (every
+position) -> RL (constrained-beam GRPO, ranking reward) from `sft_best` -> constrained beam search on
 every test row for SFT and RL -> `rec baselines` on the same training rows -> report.html.
 Training rows: `data.train_from=valid` when the dataset has no train.csv (every valid row plus the
 prefix windows of its history; the last 10% held out for selection). Every selection (sft_best,
@@ -38,13 +38,17 @@ RECIPES = ("small-cpu",)
 SMALL_CPU = {
     "tokenizer_vocab": 512,  # BPE merges on the catalogue text; the SID tokens come on top
     "shape": "tiny",  # Qwen2 architecture: hidden 64, 2 layers, 4 heads (2 KV), tied embeddings
-    "tasks": ["sid_next_compact"],  # the SID history without instruction text (rec/data/prompts.py)
-    "sft_steps": 1500,  # ~9 epochs of the 10.8k Office rows; validation loss rose after that
+    # the bare SID sequence, every history position trained (rec/data/prompts.py sid_sequence);
+    # generation continues the history ("sequence" prompts) in RL and eval
+    "tasks": ["sid_sequence"],
+    "prompt": "sequence",
+    "sft_steps": 1000,  # ~34 epochs of the 1.9k longest Office sequences; sft_best is picked on the selection slice
     "sft_batch": 64,
     "sft_lr": 3e-3,
     "sft_weight_decay": 0.1,
-    "sft_eval_every": 250,
-    "length_buckets": [16, 24, 32, 48],  # compact prompts are 15-42 tokens with their target
+    "sft_dropout": 0.1,
+    "sft_eval_every": 50,
+    "length_buckets": [24, 40, 56],  # sequences are 15-50 tokens with their target
     "rl_steps": 100,
     "rl_batch": 16,
     "rl_generations": 16,  # 8 beams sharpened the top (HR@1 up) but lost HR@10 on the selection slice
@@ -86,6 +90,7 @@ def _small_cpu(data_dir: str, runs: str, seed: int = 42) -> dict[str, dict]:
             "warmup_steps": 50,
             "min_lr_ratio": 0.05,
             "weight_decay": k["sft_weight_decay"],
+            "dropout": k["sft_dropout"],
             "eval_every": k["sft_eval_every"],
             "eval_limit": -1,
             # sft_best is picked by validation loss on the held-out slice; no early stop on the
@@ -101,7 +106,7 @@ def _small_cpu(data_dir: str, runs: str, seed: int = 42) -> dict[str, dict]:
         "mesh": {"shape": "auto"},
         "train": {"batch_size": k["rl_batch"], "steps": k["rl_steps"], "lr": k["rl_lr"], "schedule": "cosine",
                   "warmup_ratio": 0.03, "warmup_steps": 0, "grad_clip": 0.3},
-        "eval": {"batch_size": 16, "prompt": "compact"},
+        "eval": {"batch_size": 16, "prompt": k["prompt"]},
         "rl": {"generations": k["rl_generations"], "reward": "ranking", "beta": k["rl_beta"],
                "tasks": list(k["tasks"]), "ref_sync_every": 0, "eval_every": k["rl_eval_every"],
                "eval_beams": 20, "eval_limit": -1, "best_metric": "ndcg@10"},
@@ -111,7 +116,7 @@ def _small_cpu(data_dir: str, runs: str, seed: int = 42) -> dict[str, dict]:
         "model": {"path": rl_dir, "checkpoint": "rl_best", **common_model},
         "data": {"dir": data_dir, **data_rows, "split": "test"},
         "mesh": {"shape": "auto"},
-        "eval": {"beams": k["eval_beams"], "batch_size": 16, "limit": -1, "prompt": "compact"},
+        "eval": {"beams": k["eval_beams"], "batch_size": 16, "limit": -1, "prompt": k["prompt"]},
     }
     return {"sft": sft, "rl": rl, "eval": evaluation}
 

@@ -32,7 +32,8 @@ def test_small_cpu_configs_without_train_csv(synth_dataset_dir, tmp_path):
     assert rl.model.path == sft.run.dir and rl.model.checkpoint == "sft_best"
     assert ev.model.path == rl.run.dir and ev.model.checkpoint == "rl_best" and rl.rl.best_metric == "ndcg@10"
     assert sft.model.tokenizer == rl.model.tokenizer == str(tmp_path / "runs" / "tokenizer")
-    assert sft.data.tasks == rl.rl.tasks == ["sid_next_compact"] and ev.eval.prompt == rl.eval.prompt == "compact"
+    assert sft.data.tasks == rl.rl.tasks == ["sid_sequence"] and ev.eval.prompt == rl.eval.prompt == "sequence"
+    assert sft.train.dropout > 0 and rl.train.dropout == 0
     readme = (out / "README.md").read_text()
     assert f"rec tokenizer build --dataset {data}" in readme and f"rec sft  --config {out}/sft.yaml" in readme
 

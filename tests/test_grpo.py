@@ -56,6 +56,7 @@ def test_fast_paths_resolve_independently(clean_env):
         (["grpo.synthetic=0", "data.dir="], "data.dir"),
         (["grpo.updates_per_batch=0"], "grpo.updates_per_batch"),
         (["grpo.temperature=-1"], "grpo.temperature"),
+        (["train.dropout=0.1"], "train.dropout"),
     ],
 )
 def test_bad_grpo_config_is_one_line_error(overrides, message):

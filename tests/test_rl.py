@@ -79,6 +79,7 @@ def test_mix_reference_and_unsplit():
         ("rl.best_metric=hr@50", "rl.best_metric"),
         ("rl.clip_eps=1.5", "rl.clip_eps"),
         ("data.dir=", "data.dir"),
+        ("train.dropout=0.1", "train.dropout"),
     ],
 )
 def test_bad_rl_config_is_one_line_error(override, message):

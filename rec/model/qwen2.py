@@ -181,6 +181,8 @@ SHAPES: dict[str, ModelShape] = {
     "tiny": _qwen2_shape(64, 128, 2, 4, 2, vocab=256),
     # tiny's width, twice its depth and a wider MLP; tried for the CPU recipe (docs/RECIPE.md)
     "mini": _qwen2_shape(64, 256, 4, 4, 2, vocab=256),
+    # tiny's depth at twice its width and a 4x MLP (head dim 32); tried for the CPU recipe
+    "wide": _qwen2_shape(128, 512, 2, 4, 2, vocab=256),
     "qwen2.5-0.5b": _qwen2_shape(896, 4864, 24, 14, 2),
     "qwen2.5-1.5b": _qwen2_shape(1536, 8960, 28, 12, 2),
     "qwen2.5-3b": _qwen2_shape(2048, 11008, 36, 16, 2),

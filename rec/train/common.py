@@ -158,6 +158,13 @@ def save_tokenizer(tokenizer, run_dir: str) -> str:
     return target
 
 
+def refuse_sft_only_keys(cfg: Config, stage: str) -> None:
+    """RL/GRPO compare log-probabilities of one policy across forwards, so they run without
+    dropout; a `train.dropout` set for them would be silently ignored, so it is an error."""
+    if cfg.train.dropout:
+        raise RecError(f"config: 'train.dropout' is for SFT only ({stage} runs without dropout), got {cfg.train.dropout}")
+
+
 def prepare_run_dir(cfg: Config, stage: str, extra: dict | None = None, tokenizer=None) -> None:
     """Write the resolved config (config.yaml and config.<stage>.yaml) and the tokenizer.
 

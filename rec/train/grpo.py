@@ -249,6 +249,7 @@ def run_grpo(cfg) -> dict:
     from rec.train.common import (
         check_rollout_memory,
         prepare_run_dir,
+        refuse_sft_only_keys,
         resume_rollout_state,
         rollout_checkpoint_tree,
     )
@@ -257,6 +258,7 @@ def run_grpo(cfg) -> dict:
     from rec.train.optim import make_optimizer
     from rec.train.state import init_state, state_shardings
 
+    refuse_sft_only_keys(cfg, "grpo")
     check_grpo_config(cfg)
     init_distributed()
     fast = resolve_fast_paths(cfg)

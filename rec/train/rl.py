@@ -443,6 +443,7 @@ def run_rl(cfg) -> dict:
     from rec.train.common import (
         check_rollout_memory,
         prepare_run_dir,
+        refuse_sft_only_keys,
         resume_rollout_state,
         rollout_checkpoint_tree,
     )
@@ -450,6 +451,7 @@ def run_rl(cfg) -> dict:
     from rec.train.optim import make_optimizer
     from rec.train.state import init_state, state_shardings
 
+    refuse_sft_only_keys(cfg, "rl")
     check_rl_config(cfg)
     init_distributed()
     mesh = make_mesh(cfg.mesh.shape)

@@ -153,6 +153,9 @@ def _progress(total: int, enabled: bool, desc: str):
     return tqdm(total=total, desc=desc, unit="row", file=sys.stderr, disable=not enabled, dynamic_ncols=True)
 
 
+SELECTION_SPLIT = "selection"  # data.split value: the held-out selection slice of data.train_from
+
+
 def run_eval(cfg) -> dict:
     """Evaluate `model.path` on `data.split`; write eval_predictions.json and run_summary.json into
     `run.dir`; return the run_summary figures."""
@@ -177,13 +180,23 @@ def run_eval(cfg) -> dict:
         raise RecError("config: 'data.dir' is empty; set it to a MiniOneRec dataset directory")
     init_distributed()
     catalogue = load_catalogue(cfg.data.dir)
-    rows = read_split(cfg.data.dir, cfg.data.split, limit=cfg.eval.limit)
-    path = split_path(cfg.data.dir, cfg.data.split)
+    if cfg.data.split == SELECTION_SPLIT:
+        # the held-out slice every training stage selects on: what recipe choices are judged by
+        from rec.data.windows import training_rows  # noqa: PLC0415
+
+        if not cfg.data.train_from:
+            raise RecError(f"config: 'data.split={SELECTION_SPLIT}' needs 'data.train_from' (the split it is cut from)")
+        rows = training_rows(cfg.data, selection_limit=cfg.eval.limit)[1]
+        path = split_path(cfg.data.dir, cfg.data.train_from)
+    else:
+        rows = read_split(cfg.data.dir, cfg.data.split, limit=cfg.eval.limit)
+        path = split_path(cfg.data.dir, cfg.data.split)
     if not rows:
         raise RecError(f"{path}: no rows to evaluate")
     known = set(catalogue.all_sids)
     if any(s not in known for r in rows for s in (r.item_sid, *r.history_sids)):
-        check_rows(path, rows, known, _csv_lines(path, len(rows)))
+        # line numbers only for a file read from its top (the selection slice is its tail)
+        check_rows(path, rows, known, None if cfg.data.split == SELECTION_SPLIT else _csv_lines(path, len(rows)))
 
     beams = cfg.eval.beams
     if beams > len(known):

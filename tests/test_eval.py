@@ -122,6 +122,23 @@ def test_run_eval_synthetic_random_model_on_gcs(synth_dataset_dir, synth_tokeniz
     assert all(summary[f"eval/{k}"] == v for k, v in recomputed.items())
 
 
+def test_run_eval_on_the_selection_slice(synth_dataset_dir, synth_tokenizer_dir, tmp_path):
+    """data.split=selection: the held-out tail of data.train_from that SFT/RL select on."""
+    from rec.data.windows import training_rows
+
+    out = tmp_path / "sel"
+    base = [f"data.dir={synth_dataset_dir}", f"model.tokenizer={synth_tokenizer_dir}", f"run.dir={out}",
+            "eval.beams=5", "eval.batch_size=4", "run.progress=false", "data.split=selection"]
+    with pytest.raises(RecError, match="data.train_from"):
+        run_eval(load_config(TINY_EVAL, base))
+    cfg = load_config(TINY_EVAL, [*base, "data.train_from=valid", "data.select_fraction=0.25"])
+    selection = training_rows(cfg.data)[1]
+    figures = run_eval(cfg)
+    records = json.loads((out / "eval_predictions.json").read_text())
+    assert figures["eval/num_samples"] == len(records) == len(selection) > 0
+    assert [r["output"] for r in records] == [r.item_sid + "\n" for r in selection]
+
+
 def _run_cli(*args, timeout=300):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     return subprocess.run(

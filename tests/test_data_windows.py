@@ -8,6 +8,7 @@ import pytest
 from rec.config import DataConfig, load_config
 from rec.data.dataset import Row, read_split
 from rec.data.windows import (
+    consecutive_pairs,
     expand_windows,
     item_sequence,
     longest_sequences,
@@ -150,3 +151,28 @@ def test_longest_sequences_keep_every_prediction(seed):
     assert len(seqs) == len(set(seqs))
     for a in seqs:  # none is a proper prefix of another
         assert not any(len(b) > len(a) and b[: len(a)] == a for b in seqs)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_consecutive_pairs_are_the_transition_table(seed):
+    """The pairs `sid_pairs` trains are exactly those the transition baseline counts (over every
+    prefix window's last item -> target), each once."""
+    from rec.eval.baselines import transition_counts
+
+    rows = expand_windows(_random_rows(seed))
+    pairs = consecutive_pairs(rows)
+    assert len(pairs) == len(set(pairs))
+    table = transition_counts([r.history_sids[-1], r.item_sid] for r in rows if r.history_sids)
+    assert set(pairs) == {(a, b) for a, nxt in table.items() for b in nxt}
+
+
+def test_sid_pairs_rows(synth_dataset_dir):
+    from rec.data.dataset import load_catalogue
+    from rec.data.sft import sft_prompts
+
+    rows = [_row("u", [1, 2], 3), _row("v", [2], 3)]
+    prompts = sft_prompts(load_catalogue(synth_dataset_dir), rows, ["sid_pairs"], "x", 0)
+    assert [(p.body, p.target, p.task) for p in prompts] == [
+        ("History: <a_1><b_0><c_0>", "<a_2><b_0><c_0>\n", "sid_pairs"),
+        ("History: <a_2><b_0><c_0>", "<a_3><b_0><c_0>\n", "sid_pairs"),
+    ]

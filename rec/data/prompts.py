@@ -58,7 +58,7 @@ TITLE_HISTORY_TEMPLATES = (
 )
 
 SFT_TASKS = ("sid_next", "sid_item_feat", "fusion_seq_rec", "title_history", "title_history_sid", "sid_next_compact",
-             "sid_sequence")
+             "sid_sequence", "sid_pairs")
 RL_TASKS = ("sid_next", "title2sid", "seq_title2sid", "sid_next_compact", "sid_sequence")
 
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from rec.data import prompts as P
 from rec.data.dataset import Catalogue, Row
-from rec.data.windows import longest_sequences
+from rec.data.windows import consecutive_pairs, longest_sequences
 from rec.errors import RecError
 
 IGNORE = -100
@@ -65,6 +65,10 @@ def sft_prompts(catalogue: Catalogue, rows: Sequence[Row], tasks: Sequence[str],
         elif task == "sid_sequence":
             # every position is trained, so rows inside a longer row's sequence add nothing
             out += [P.sid_sequence(r.history_sids, r.item_sid) for r in longest_sequences(rows) if r.history_sids]
+        elif task == "sid_pairs":
+            # each consecutive pair once more with the previous item as the whole history, so a
+            # transition seen in training is also learnt apart from the rest of its history
+            out += [P.sid_sequence([a], b)._replace(task="sid_pairs") for a, b in consecutive_pairs(rows)]
         elif task == "sid_item_feat":
             out += [P.sid_to_title(sid, title) for sid, title in sid_to_title.items()]
             out += [P.title_to_sid(title, sid) for title, sid in title_to_sid.items()]

@@ -91,6 +91,20 @@ def longest_sequences(rows: Iterable[Row]) -> list[Row]:
     return out
 
 
+def consecutive_pairs(rows: Iterable[Row]) -> list[tuple[str, str]]:
+    """Every distinct (item SID, next item SID) of the rows' item sequences, in first-seen order:
+    the pairs an item-to-item transition table counts."""
+    seen: set[tuple[str, str]] = set()
+    out: list[tuple[str, str]] = []
+    for row in rows:
+        sids = (*row.history_sids, row.item_sid)
+        for pair in zip(sids, sids[1:]):
+            if pair not in seen:
+                seen.add(pair)
+                out.append(pair)
+    return out
+
+
 def selection_count(n_rows: int, fraction: float) -> int:
     """How many of `n_rows` source rows the selection slice holds (>= 1 when fraction > 0,
     always leaving at least one row to train on)."""

@@ -101,6 +101,10 @@ class TrainConfig:
     eval_every: int = 0  # steps between validations; 0 = every 5% of the run
     eval_limit: int = -1  # validation rows used (-1 = all)
     early_stopping_patience: int = 3  # validations without improvement before stopping; 0 = never
+    # SFT: what picks sft_best (and drives early stopping): "" = validation loss; hr@K / ndcg@K =
+    # constrained beam search with `eval_beams` beams on the validation rows (eval.prompt wording)
+    best_metric: str = ""
+    eval_beams: int = 20
     log_every: int = 1
 
 

@@ -172,7 +172,8 @@ def test_sid_pairs_rows(synth_dataset_dir):
 
     rows = [_row("u", [1, 2], 3), _row("v", [2], 3)]
     prompts = sft_prompts(load_catalogue(synth_dataset_dir), rows, ["sid_pairs"], "x", 0)
-    assert [(p.body, p.target, p.task) for p in prompts] == [
-        ("History: <a_1><b_0><c_0>", "<a_2><b_0><c_0>\n", "sid_pairs"),
-        ("History: <a_2><b_0><c_0>", "<a_3><b_0><c_0>\n", "sid_pairs"),
+    # the pair is one step of a sequence, not its end: no "\n", no EOS
+    assert [(p.body, p.target, p.task, p.ends) for p in prompts] == [
+        ("History: <a_1><b_0><c_0>", "<a_2><b_0><c_0>", "sid_pairs", False),
+        ("History: <a_2><b_0><c_0>", "<a_3><b_0><c_0>", "sid_pairs", False),
     ]

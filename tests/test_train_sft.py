@@ -115,6 +115,34 @@ def test_dropout_is_the_same_however_the_batch_is_split(tmp_path, synth_dataset_
 
 
 @pytest.mark.slow
+def test_sft_best_by_ranking_metric_equals_rec_eval(tmp_path, synth_dataset_dir, synth_tokenizer_dir):
+    """train.best_metric=ndcg@5: each validation decodes the validation rows with constrained
+    beams; sft_best is the step with the highest value, and `rec eval` of sft_best on the same
+    rows reports that same value."""
+    from rec.eval.evaluate import run_eval
+
+    run = str(tmp_path / "ranked")
+    extra = ["train.best_metric=ndcg@5", "train.eval_beams=5", "eval.prompt=sft", "eval.batch_size=4"]
+    summary = sft.run_sft(_cfg(run, synth_dataset_dir, synth_tokenizer_dir, *extra))
+    vals = [r for r in read_metrics(run, "sft") if "val/ndcg@5" in r]
+    assert [r["step"] for r in vals] == [2, 4, 6] and all("val/hr@5" in r and "val_loss" in r for r in vals)
+    best = max(vals, key=lambda r: (r["val/ndcg@5"], -r["step"]))  # first of equal values
+    assert checkpoint.latest_step(run, "sft_best") == best["step"] == summary["train/best_step"]
+    assert summary["train/best_val/ndcg@5"] == best["val/ndcg@5"]
+    eval_cfg = load_config(os.path.join(ROOT, "configs", "tiny", "eval.yaml"), [
+        f"run.dir={tmp_path / 'eval'}", f"data.dir={synth_dataset_dir}", f"model.tokenizer={synth_tokenizer_dir}",
+        f"model.path={run}", "model.checkpoint=sft_best", "data.split=valid", "eval.limit=8", "eval.beams=5",
+        "eval.prompt=sft", "eval.batch_size=4", "run.progress=false"])
+    assert run_eval(eval_cfg)["eval/ndcg@5"] == pytest.approx(best["val/ndcg@5"], abs=1e-9)
+    # the selection criterion cannot change under a resumed run, nor ask for more than its beams
+    with pytest.raises(RecError, match="train.best_metric"):
+        sft.run_sft(_cfg(run, synth_dataset_dir, synth_tokenizer_dir, *extra[1:], "train.steps=8"))
+    with pytest.raises(RecError, match="train.eval_beams"):
+        sft.run_sft(_cfg(str(tmp_path / "x"), synth_dataset_dir, synth_tokenizer_dir, "train.best_metric=hr@10",
+                         "train.eval_beams=5"))
+
+
+@pytest.mark.slow
 def test_early_stopping_and_finished_run_is_not_retrained(tmp_path, synth_dataset_dir, synth_tokenizer_dir):
     run = str(tmp_path / "run")
     # lr 0: the validation loss never improves after the first validation

@@ -67,6 +67,9 @@ class Prompt(NamedTuple):
     body: str  # ends with "### Response:\n"
     target: str  # answer + "\n" (EOS is added at tokenization)
     task: str
+    # False: the target is not where the text ends (a `sid_pairs` row is one step of a longer
+    # sequence), so no EOS is appended and nothing after the target is learnt
+    ends: bool = True
 
     @property
     def text(self) -> str:

@@ -68,7 +68,7 @@ def sft_prompts(catalogue: Catalogue, rows: Sequence[Row], tasks: Sequence[str],
         elif task == "sid_pairs":
             # each consecutive pair once more with the previous item as the whole history, so a
             # transition seen in training is also learnt apart from the rest of its history
-            out += [P.sid_sequence([a], b)._replace(task="sid_pairs") for a, b in consecutive_pairs(rows)]
+            out += [P.Prompt("", "History: " + a, b, "sid_pairs", ends=False) for a, b in consecutive_pairs(rows)]
         elif task == "sid_item_feat":
             out += [P.sid_to_title(sid, title) for sid, title in sid_to_title.items()]
             out += [P.title_to_sid(title, sid) for title, sid in title_to_sid.items()]
@@ -121,7 +121,7 @@ def tokenize_prompts(tok, prompt_list: Sequence[P.Prompt], max_len: int, progres
         prompt_ids = prompt_token_ids(tok, part)
         target_ids = _batch_encode(tok, [p.target for p in part])
         for p, ids, target in zip(part, prompt_ids, target_ids, strict=True):
-            target = target + [eos]
+            target = target + [eos] if p.ends else target
             input_ids = np.asarray(ids + target, dtype=np.int32)
             labels = np.asarray([IGNORE] * len(ids) + target, dtype=np.int32)
             examples.append(Example(input_ids[-max_len:], labels[-max_len:], p.task))

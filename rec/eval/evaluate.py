@@ -153,6 +153,51 @@ def _progress(total: int, enabled: bool, desc: str):
     return tqdm(total=total, desc=desc, unit="row", file=sys.stderr, disable=not enabled, dynamic_ncols=True)
 
 
+def ranking_metrics(params, shape, rows, tokenizer, catalogue, mesh, *, prompt_style: str, batch_size: int,
+                    beams: int, topk, pad_id: int, compute_dtype, trie=None, id_to_token=None) -> dict[str, float]:
+    """HR@K / NDCG@K of `params` on `rows` with `beams` constrained beams (the validation that SFT
+    `train.best_metric` and RL `rl.best_metric` select on; `rec eval` is the same decode with
+    batches kept in flight). `trie` / `id_to_token` may be passed in when the caller has them."""
+    from rec.data.prompts import eval_prompt
+    from rec.decode.beam import constrained_beam_search, decode_sids
+    from rec.decode.trie import trie_from_sids
+    from rec.dist import process_allgather, shard_batch
+    from rec.eval.metrics import compute_metrics
+    from rec.tokenizer import encode, newline_id
+
+    if trie is None:
+        trie = trie_from_sids(catalogue.all_sids, tokenizer, newline_id(tokenizer), tokenizer.eos_token_id)
+    if id_to_token is None:
+        id_to_token = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    prompts = [eval_prompt(r.history_sids, r.item_sid, style=prompt_style) for r in rows]
+    token_lists = [encode(tokenizer, p.header) + encode(tokenizer, p.body) for p in prompts]
+    lengths = [len(t) for t in token_lists]
+    predictions: list = [None] * len(prompts)
+    for bucket, indices in plan_batches(lengths, choose_buckets(lengths), batch_size):
+        ids, mask = left_pad([token_lists[i] for i in indices], bucket, pad_id, batch_size)
+        g_ids, g_mask = shard_batch((ids, mask), mesh)
+        sids, _ = constrained_beam_search(params, shape, g_ids, g_mask, trie, beams, compute_dtype=compute_dtype)
+        decoded = decode_sids(id_to_token, np.asarray(process_allgather(sids))[: len(indices)])
+        for i, sid_list in zip(indices, decoded, strict=True):
+            predictions[i] = sid_list
+    records = [{"input": p.text, "output": r.item_sid + "\n", "predict": pred}
+               for p, r, pred in zip(prompts, rows, predictions, strict=True)]
+    ks = [k for k in topk if k <= beams] or [beams]
+    metrics = compute_metrics(records, set(catalogue.all_sids), ks)
+    return {k: float(v) for k, v in metrics.items() if "@" in k}
+
+
+def check_best_metric(key: str, metric: str, beams_key: str, beams: int) -> None:
+    """`metric` ("" or e.g. hr@10 / ndcg@5) must be computable from `beams` beams."""
+    if not metric:
+        return
+    name, _, k = metric.partition("@")
+    if name not in ("hr", "ndcg") or not k.isdigit():
+        raise RecError(f"config: '{key}' must look like hr@10 or ndcg@5, got {metric!r}")
+    if int(k) > beams:
+        raise RecError(f"config: '{key}' {metric} needs at least that many '{beams_key}' ({beams})")
+
+
 SELECTION_SPLIT = "selection"  # data.split value: the held-out selection slice of data.train_from
 
 

@@ -172,10 +172,9 @@ def check_rl_config(cfg) -> None:
         raise RecError("config: 'rl.ref_sync_every' and 'rl.eval_every' must be >= 0")
     if rl.eval_beams < 1:
         raise RecError(f"config: 'rl.eval_beams' must be positive, got {rl.eval_beams}")
-    if rl.best_metric and not (rl.best_metric.split("@")[0] in ("hr", "ndcg") and rl.best_metric.split("@")[-1].isdigit()):
-        raise RecError(f"config: 'rl.best_metric' must look like hr@10 or ndcg@5, got {rl.best_metric!r}")
-    if rl.best_metric and int(rl.best_metric.split("@")[1]) > rl.eval_beams:
-        raise RecError(f"config: 'rl.best_metric' {rl.best_metric} needs at least that many 'rl.eval_beams' ({rl.eval_beams})")
+    from rec.eval.evaluate import check_best_metric
+
+    check_best_metric("rl.best_metric", rl.best_metric, "rl.eval_beams", rl.eval_beams)
     if not rl.tasks:
         raise RecError("config: 'rl.tasks' is empty")
 
@@ -397,32 +396,13 @@ def rl_step(setup: _Setup, fns: StepFunctions, state, ref_params, step: int, pro
 def validate(setup: _Setup, params) -> dict[str, float]:
     """HR@K / NDCG@K on the validation rows with `rl.eval_beams` constrained beams (eval prompts,
     bucketed like rec eval)."""
-    from rec.data.prompts import eval_prompt
-    from rec.decode.beam import constrained_beam_search, decode_sids
-    from rec.dist import process_allgather, shard_batch
-    from rec.eval.evaluate import choose_buckets, left_pad, plan_batches
-    from rec.eval.metrics import compute_metrics
-    from rec.tokenizer import encode
+    from rec.eval.evaluate import ranking_metrics
 
-    cfg, tok = setup.cfg, setup.tokenizer
-    prompts = [eval_prompt(r.history_sids, r.item_sid, style=cfg.eval.prompt) for r in setup.valid_rows]
-    token_lists = [encode(tok, p.header) + encode(tok, p.body) for p in prompts]
-    lengths = [len(t) for t in token_lists]
-    predictions: list = [None] * len(prompts)
-    batch_size = cfg.eval.batch_size
-    for bucket, indices in plan_batches(lengths, choose_buckets(lengths), batch_size):
-        ids, mask = left_pad([token_lists[i] for i in indices], bucket, setup.pad_id, batch_size)
-        g_ids, g_mask = shard_batch((ids, mask), setup.mesh)
-        sids, _ = constrained_beam_search(params, setup.shape, g_ids, g_mask, setup.trie, cfg.rl.eval_beams,
-                                          compute_dtype=setup.compute_dtype)
-        decoded = decode_sids(setup.id_to_token, np.asarray(process_allgather(sids))[: len(indices)])
-        for i, sid_list in zip(indices, decoded, strict=True):
-            predictions[i] = sid_list
-    records = [{"input": p.text, "output": r.item_sid + "\n", "predict": pred}
-               for p, r, pred in zip(prompts, setup.valid_rows, predictions, strict=True)]
-    topk = [k for k in cfg.eval.topk if k <= cfg.rl.eval_beams] or [cfg.rl.eval_beams]
-    metrics = compute_metrics(records, set(setup.catalogue.all_sids), topk)
-    return {k: float(v) for k, v in metrics.items() if "@" in k}
+    cfg = setup.cfg
+    return ranking_metrics(params, setup.shape, setup.valid_rows, setup.tokenizer, setup.catalogue, setup.mesh,
+                           prompt_style=cfg.eval.prompt, batch_size=cfg.eval.batch_size, beams=cfg.rl.eval_beams,
+                           topk=cfg.eval.topk, pad_id=setup.pad_id, compute_dtype=setup.compute_dtype,
+                           trie=setup.trie, id_to_token=setup.id_to_token)
 
 
 def _meta(setup: _Setup, step: int, best: float | None) -> dict:

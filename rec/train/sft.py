@@ -166,7 +166,7 @@ def _load_data(cfg: Config, tokenizer, catalogue):
     )
     wording = valid_wording(cfg.data.tasks)
     valid = build_valid_examples(tokenizer, valid_rows, cfg.data.max_len, wording) if valid_rows else []
-    return train, valid
+    return train, valid, valid_rows
 
 
 def _restore_or_init(cfg: Config, catalogue, mesh):
@@ -202,6 +202,9 @@ def _train(cfg: Config, crash_after: int | None = None) -> dict:
 
     if not cfg.data.dir:
         raise RecError("config: 'data.dir' must name a MiniOneRec dataset directory")
+    from rec.eval.evaluate import check_best_metric, ranking_metrics
+
+    check_best_metric("train.best_metric", cfg.train.best_metric, "train.eval_beams", cfg.train.eval_beams)
     if not cfg.run.resume and checkpoint.latest_step(cfg.run.dir, "sft_last") is not None:
         # Starting over on top of a newer sft_last would let Orbax's keep-one policy delete the
         # wrong step; never overwrite a run silently.
@@ -216,7 +219,7 @@ def _train(cfg: Config, crash_after: int | None = None) -> dict:
     catalogue = load_catalogue(cfg.data.dir)
 
     shape, tokenizer, params_or_abstract, resumed = _restore_or_init(cfg, catalogue, mesh)
-    train_examples, valid_examples = _load_data(cfg, tokenizer, catalogue)
+    train_examples, valid_examples, valid_rows = _load_data(cfg, tokenizer, catalogue)
     per_epoch = batches_per_epoch([len(e) for e in train_examples], cfg.train.batch_size, buckets)
     total = total_steps_for(cfg.train, per_epoch)
     every = eval_interval(cfg.train, total)
@@ -300,6 +303,10 @@ def _train(cfg: Config, crash_after: int | None = None) -> dict:
         writer.save("sft_last", state_now, int(state_now.step), meta_for(state_now, metrics), keep=cfg.checkpoint.keep)
 
     last_metrics: dict = {}
+    metric = cfg.train.best_metric
+    if progress_meta.get("best_step") is not None and progress_meta.get("best_metric", "") != metric:
+        raise RecError(f"{cfg.run.dir}: sft_best was picked by {progress_meta.get('best_metric') or 'validation loss'}; "
+                       f"resume with the same 'train.best_metric' or use another run.dir")
     # Throughput over this invocation's steps after its first (which includes compilation).
     steady_tokens, steady_seconds = 0, 0.0
     stream = batch_stream(
@@ -338,10 +345,24 @@ def _train(cfg: Config, crash_after: int | None = None) -> dict:
 
             if valid_examples and (step % every == 0 or step == total):
                 val = validation_loss(eval_step, state.params, valid_examples, eval_batch, buckets, pad_id, mesh)
-                best = progress_meta["best_val_loss"]
-                improved = best is None or val < best
+                entry = {"val_loss": val}
+                if metric:
+                    ranked = ranking_metrics(state.params, shape, valid_rows, tokenizer, catalogue, mesh,
+                                             prompt_style=cfg.eval.prompt, batch_size=cfg.eval.batch_size,
+                                             beams=cfg.train.eval_beams, topk=cfg.eval.topk, pad_id=pad_id,
+                                             compute_dtype=jnp.dtype(cfg.model.compute_dtype))
+                    entry.update({f"val/{k}": v for k, v in ranked.items()})
+                    value = ranked[metric]
+                    best = progress_meta.get("best_value")
+                    improved = best is None or value > best
+                else:
+                    value = val
+                    best = progress_meta["best_val_loss"]
+                    improved = best is None or val < best
                 if improved:
                     progress_meta.update(best_val_loss=val, best_step=step, bad_evals=0)
+                    if metric:
+                        progress_meta.update(best_value=value, best_metric=metric)
                 else:
                     progress_meta["bad_evals"] += 1
                 patience = cfg.train.early_stopping_patience
@@ -350,10 +371,12 @@ def _train(cfg: Config, crash_after: int | None = None) -> dict:
                     log.info(
                         "early stopping at step %d (best %.5f at step %s)",
                         step,
-                        progress_meta["best_val_loss"],
+                        progress_meta["best_value"] if metric else progress_meta["best_val_loss"],
                         progress_meta["best_step"],
                     )
-                logger.log(step, {"val_loss": val, "best_val_loss": progress_meta["best_val_loss"]}, show=True)
+                entry["best_val_loss" if not metric else f"best_val/{metric}"] = (
+                    progress_meta["best_val_loss"] if not metric else progress_meta["best_value"])
+                logger.log(step, entry, show=True)
                 if improved:
                     writer.save("sft_best", {"params": state.params}, step, meta_for(state, dict(metrics, val_loss=val)))
                 save_last(state, dict(metrics, val_loss=val))
@@ -390,6 +413,7 @@ def _train(cfg: Config, crash_after: int | None = None) -> dict:
         "train/final_loss": last_metrics.get("loss"),
         "train/best_val_loss": progress_meta.get("best_val_loss"),
         "train/best_step": progress_meta.get("best_step"),
+        **({f"train/best_val/{metric}": progress_meta.get("best_value")} if metric else {}),
         "train/early_stopped": step < total,
         "train/examples": len(train_examples),
         "train/tokens_per_s": steady_tokens / steady_seconds if steady_seconds > 0 else None,

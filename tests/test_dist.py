@@ -179,8 +179,9 @@ def test_launch_local_checks_arguments_and_returns_the_failing_exit_code(tmp_pat
     code = launch_local(["data", "check", str(tmp_path / "missing")], 2, log_dir=str(tmp_path / "logs"),
                         echo=False, timeout=120, env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT)
     assert code == 2
-    for pid in (0, 1):
-        assert "error:" in (tmp_path / "logs" / f"process_{pid}.log").read_text()
+    # the first process to fail stops the other, which on a busy machine may not have printed yet
+    logs = [(tmp_path / "logs" / f"process_{pid}.log").read_text() for pid in (0, 1)]
+    assert any("error:" in log for log in logs)
 
 
 def test_mesh_that_does_not_match_the_run_names_processes_and_devices():

@@ -98,7 +98,10 @@ def test_recipe_end_to_end_tiny(synth_dataset_dir, tmp_path, capsys):
     sft_config = yaml.safe_load((out / "sft" / "config.yaml").read_text())
     rl_config = yaml.safe_load((out / "rl" / "config.yaml").read_text())
     assert sft_config["data"]["train_from"] == rl_config["data"]["train_from"] == "valid"
-    assert sft_config["resolved"]["train_examples"] == rl_config["resolved"]["num_prompts"] == len(train_rows)
+    # sid_sequence trains the longest sequences among those rows; RL prompts are the rows themselves
+    from rec.data.windows import longest_sequences
+    assert sft_config["resolved"]["train_examples"] == len(longest_sequences(train_rows))
+    assert rl_config["resolved"]["num_prompts"] == len(train_rows)
     assert sft_config["resolved"]["valid_examples"] == len(select_rows)
     sasrec = json.loads((out / "baselines.json").read_text())["sasrec"]
     assert (sasrec["train_rows"], sasrec["select_rows"]) == (len(train_rows), len(select_rows))

@@ -171,7 +171,8 @@ def test_sequence_task_trains_every_position_of_the_eval_text(synth_dataset_dir,
     assert valid_wording(["sid_sequence"]) == "sequence" and valid_wording(["sid_sequence", "sid_next"]) == "sft"
     row = kept[0]
     valid = build_valid_examples(tok, [row], 4096, "sequence")[0]
-    assert valid.input_ids.tolist() == seq[0].input_ids.tolist()
-    assert (valid.labels != IGNORE).sum() == len(tok.encode(row.item_sid + "\n", add_special_tokens=False)) + 1
+    # validation scores the next item only: its SID tokens, not the "\n" + EOS that end the sequence
+    assert valid.input_ids.tolist() == seq[0].input_ids.tolist()[:-2]
+    assert (valid.labels != IGNORE).sum() == row.item_sid.count("<")
     assert rl_prompts(cat, [row], ["sid_sequence"])[0].text == P.eval_prompt(row.history_sids, row.item_sid, "sequence").body
     assert load_config(None, ["eval.prompt=sequence"]).eval.prompt == "sequence"

@@ -138,7 +138,14 @@ def build_sft_examples(tok, catalogue: Catalogue, rows: Sequence[Row], tasks: Se
     return tokenize_prompts(tok, sft_prompts(catalogue, rows, tasks, category, seed), max_len, progress)
 
 
-VALID_WORDINGS = {"sft": P.sid_next, "compact": P.sid_next_compact, "sequence": P.sid_sequence_prompt}
+def _sequence_item_only(history_sids, item_sid: str) -> P.Prompt:
+    """The `sequence` wording scored on the next item's SID tokens alone: in a bare sequence the
+    "\n" + EOS after the target say where the user's history stops, which the training rows teach
+    too (and a model overfits first) but which is not the recommendation being validated."""
+    return P.sid_sequence_prompt(history_sids, item_sid)._replace(target=item_sid, ends=False)
+
+
+VALID_WORDINGS = {"sft": P.sid_next, "compact": P.sid_next_compact, "sequence": _sequence_item_only}
 
 
 def valid_wording(tasks: Sequence[str]) -> str:

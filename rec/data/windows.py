@@ -98,7 +98,7 @@ def consecutive_pairs(rows: Iterable[Row]) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     for row in rows:
         sids = (*row.history_sids, row.item_sid)
-        for pair in zip(sids, sids[1:]):
+        for pair in zip(sids, sids[1:], strict=False):
             if pair not in seen:
                 seen.add(pair)
                 out.append(pair)

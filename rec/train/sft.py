@@ -304,6 +304,7 @@ def _train(cfg: Config, crash_after: int | None = None) -> dict:
 
     last_metrics: dict = {}
     metric = cfg.train.best_metric
+    dropout_key = jax.random.PRNGKey(cfg.run.seed)
     if progress_meta.get("best_step") is not None and progress_meta.get("best_metric", "") != metric:
         raise RecError(f"{cfg.run.dir}: sft_best was picked by {progress_meta.get('best_metric') or 'validation loss'}; "
                        f"resume with the same 'train.best_metric' or use another run.dir")
@@ -325,7 +326,7 @@ def _train(cfg: Config, crash_after: int | None = None) -> dict:
             epoch, index, batch = next(stream)
             t0 = time.perf_counter()
             # dropout key of this step: from the seed and the step only, so a resumed run repeats it
-            key = jax.random.fold_in(jax.random.PRNGKey(cfg.run.seed), int(state.step)) if cfg.train.dropout else None
+            key = jax.random.fold_in(dropout_key, int(state.step)) if cfg.train.dropout else None
             state, metrics = step_fn(state, _device_batch(batch, mesh, cfg.train.batch_size), key)
             metrics = {k: float(v) for k, v in metrics.items()}  # syncs: step time is real
             step = int(state.step)
@@ -356,7 +357,6 @@ def _train(cfg: Config, crash_after: int | None = None) -> dict:
                     best = progress_meta.get("best_value")
                     improved = best is None or value > best
                 else:
-                    value = val
                     best = progress_meta["best_val_loss"]
                     improved = best is None or val < best
                 if improved:

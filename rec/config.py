@@ -305,12 +305,14 @@ def validate(cfg: Config) -> None:
         value = getattr(cfg.grpo, key)
         if value in ("True", "False"):
             setattr(cfg.grpo, key, "on" if value == "True" else "off")
+    from rec.data.prompts import EVAL_STYLES  # noqa: PLC0415
+
     choices = {
         "run.wandb_mode": (cfg.run.wandb_mode, {"auto", "online", "offline", "disabled"}),
         "model.param_dtype": (cfg.model.param_dtype, {"float32", "bfloat16"}),
         "model.compute_dtype": (cfg.model.compute_dtype, {"float32", "bfloat16"}),
         "train.schedule": (cfg.train.schedule, {"linear", "cosine", "constant"}),
-        "eval.prompt": (cfg.eval.prompt, {"eval", "sft", "compact", "sequence"}),
+        "eval.prompt": (cfg.eval.prompt, set(EVAL_STYLES)),
         "rl.reward": (cfg.rl.reward, {"rule", "ranking", "ranking_only"}),
         "grpo.estimator": (cfg.grpo.estimator, {"grpo", "rloo"}),
         "grpo.fast_generate": (cfg.grpo.fast_generate, {"auto", "on", "off"}),

@@ -60,6 +60,7 @@ TITLE_HISTORY_TEMPLATES = (
 SFT_TASKS = ("sid_next", "sid_item_feat", "fusion_seq_rec", "title_history", "title_history_sid", "sid_next_compact",
              "sid_sequence", "sid_pairs")
 RL_TASKS = ("sid_next", "title2sid", "seq_title2sid", "sid_next_compact", "sid_sequence")
+EVAL_STYLES = ("eval", "sft", "compact", "sequence")  # `eval.prompt` values (eval_prompt)
 
 
 class Prompt(NamedTuple):
@@ -137,6 +138,12 @@ def sid_sequence(history_sids, item_sid: str) -> Prompt:
 def sid_sequence_prompt(history_sids, item_sid: str) -> Prompt:
     """The `sid_sequence` text cut after the history: what generation continues (eval, RL)."""
     return Prompt("", "History: " + "".join(history_sids), item_sid + "\n", "sid_sequence")
+
+
+def sid_pair(item_sid: str, next_sid: str) -> Prompt:
+    """Ours (`sid_pairs`): one consecutive pair in the `sid_sequence` text, the first item as the
+    whole history. The pair is one step of a longer sequence, not its end: no "\n", no EOS."""
+    return Prompt("", "History: " + item_sid, next_sid, "sid_pairs", ends=False)
 
 
 def sid_to_title(sid: str, title: str) -> Prompt:

@@ -68,7 +68,7 @@ def sft_prompts(catalogue: Catalogue, rows: Sequence[Row], tasks: Sequence[str],
         elif task == "sid_pairs":
             # each consecutive pair once more with the previous item as the whole history, so a
             # transition seen in training is also learnt apart from the rest of its history
-            out += [P.Prompt("", "History: " + a, b, "sid_pairs", ends=False) for a, b in consecutive_pairs(rows)]
+            out += [P.sid_pair(a, b) for a, b in consecutive_pairs(rows)]
         elif task == "sid_item_feat":
             out += [P.sid_to_title(sid, title) for sid, title in sid_to_title.items()]
             out += [P.title_to_sid(title, sid) for title, sid in title_to_sid.items()]
@@ -166,15 +166,12 @@ def build_valid_examples(tok, rows: Sequence[Row], max_len: int, wording: str = 
     return tokenize_prompts(tok, [build(r.history_sids, r.item_sid) for r in rows], max_len)
 
 
-EVAL_STYLES = ("eval", "sft", "compact", "sequence")
-
-
 def eval_prompt_ids(tok, catalogue: Catalogue | None, rows: Sequence[Row], style: str = "eval") -> list[list[int]]:
     """Token ids of the eval prompts (header and body encoded separately; each ends with the
     tokens of "### Response:\\n"). style "eval" = upstream evaluate.py wording, "sft" = the SFT
     next-SID wording. With a catalogue, every history SID must be one of its SIDs."""
-    if style not in EVAL_STYLES:
-        raise RecError(f"eval.prompt: must be one of {', '.join(EVAL_STYLES)}, got {style!r}")
+    if style not in P.EVAL_STYLES:
+        raise RecError(f"eval.prompt: must be one of {', '.join(P.EVAL_STYLES)}, got {style!r}")
     if catalogue is not None:
         known = catalogue.sid_to_ids
         for r in rows:

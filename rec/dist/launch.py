@@ -26,8 +26,6 @@ from collections.abc import Sequence
 from rec.dist import ENV_NAMES
 from rec.errors import RecError
 
-# A parent run's process-discovery variables (rec.dist.ENV_NAMES) would confuse the children's.
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -38,7 +36,7 @@ def free_port() -> int:
 def process_env(process_id: int, processes: int, port: int, cpu_devices: int = 0, base: dict | None = None) -> dict:
     """The environment of local process `process_id` of `processes`."""
     env = dict(os.environ if base is None else base)
-    for key in ENV_NAMES:
+    for key in ENV_NAMES:  # a parent run's process-discovery variables would confuse the children's
         env.pop(key, None)
     if processes > 1:
         env.update(

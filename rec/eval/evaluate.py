@@ -153,22 +153,26 @@ def _progress(total: int, enabled: bool, desc: str):
     return tqdm(total=total, desc=desc, unit="row", file=sys.stderr, disable=not enabled, dynamic_ncols=True)
 
 
+def decode_tables(tokenizer, catalogue):
+    """(SID trie, token id -> token string list) for constrained decoding over the catalogue;
+    built once per run (the list is one tokenizer call, not one per SID token)."""
+    from rec.decode.trie import trie_from_sids
+    from rec.tokenizer import newline_id
+
+    trie = trie_from_sids(catalogue.all_sids, tokenizer, newline_id(tokenizer), tokenizer.eos_token_id)
+    return trie, tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+
+
 def ranking_metrics(params, shape, rows, tokenizer, catalogue, mesh, *, prompt_style: str, batch_size: int,
-                    beams: int, topk, pad_id: int, compute_dtype, trie=None, id_to_token=None) -> dict[str, float]:
+                    beams: int, topk, pad_id: int, compute_dtype, trie, id_to_token) -> dict[str, float]:
     """HR@K / NDCG@K of `params` on `rows` with `beams` constrained beams (the validation that SFT
     `train.best_metric` and RL `rl.best_metric` select on; `rec eval` is the same decode with
-    batches kept in flight). `trie` / `id_to_token` may be passed in when the caller has them."""
+    batches kept in flight). `trie`, `id_to_token`: the caller's `decode_tables`."""
     from rec.data.prompts import eval_prompt
     from rec.decode.beam import constrained_beam_search, decode_sids
-    from rec.decode.trie import trie_from_sids
     from rec.dist import process_allgather, shard_batch
     from rec.eval.metrics import compute_metrics
-    from rec.tokenizer import encode, newline_id
-
-    if trie is None:
-        trie = trie_from_sids(catalogue.all_sids, tokenizer, newline_id(tokenizer), tokenizer.eos_token_id)
-    if id_to_token is None:
-        id_to_token = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    from rec.tokenizer import encode
     prompts = [eval_prompt(r.history_sids, r.item_sid, style=prompt_style) for r in rows]
     token_lists = [encode(tokenizer, p.header) + encode(tokenizer, p.body) for p in prompts]
     lengths = [len(t) for t in token_lists]
@@ -209,7 +213,6 @@ def run_eval(cfg) -> dict:
     from rec.data.dataset import load_catalogue, read_split, split_path
     from rec.data.prompts import eval_prompt
     from rec.decode.beam import constrained_beam_search, decode_sids
-    from rec.decode.trie import trie_from_sids
     from rec.dist import (
         batch_divisor,
         init_distributed,
@@ -218,7 +221,7 @@ def run_eval(cfg) -> dict:
         process_allgather,
         shard_batch,
     )
-    from rec.tokenizer import encode, newline_id
+    from rec.tokenizer import encode
     from rec.train.common import load_model_and_tokenizer
 
     if not cfg.data.dir:
@@ -255,7 +258,7 @@ def run_eval(cfg) -> dict:
             f"devices on the batch axes of mesh '{cfg.mesh.shape}'"
         )
     shape, params, tok = load_model_and_tokenizer(cfg, catalogue, "eval", mesh=mesh)
-    trie = trie_from_sids(catalogue.all_sids, tok, newline_id(tok), tok.eos_token_id)
+    trie, id_to_token = decode_tables(tok, catalogue)
 
     prompts = [eval_prompt(r.history_sids, r.item_sid, style=cfg.eval.prompt) for r in rows]
     token_lists = [encode(tok, p.header) + encode(tok, p.body) for p in prompts]
@@ -265,7 +268,6 @@ def run_eval(cfg) -> dict:
     batch_size = cfg.eval.batch_size
     plan = plan_batches(lengths, buckets, batch_size)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    id_to_token = tok.convert_ids_to_tokens(list(range(len(tok))))  # one call, not one per SID token
     compute_dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[cfg.model.compute_dtype]
 
     predictions: list[list[str] | None] = [None] * len(rows)

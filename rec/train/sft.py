@@ -202,7 +202,7 @@ def _train(cfg: Config, crash_after: int | None = None) -> dict:
 
     if not cfg.data.dir:
         raise RecError("config: 'data.dir' must name a MiniOneRec dataset directory")
-    from rec.eval.evaluate import check_best_metric, ranking_metrics
+    from rec.eval.evaluate import check_best_metric, decode_tables, ranking_metrics
 
     check_best_metric("train.best_metric", cfg.train.best_metric, "train.eval_beams", cfg.train.eval_beams)
     if not cfg.run.resume and checkpoint.latest_step(cfg.run.dir, "sft_last") is not None:
@@ -304,6 +304,7 @@ def _train(cfg: Config, crash_after: int | None = None) -> dict:
 
     last_metrics: dict = {}
     metric = cfg.train.best_metric
+    trie, id_to_token = decode_tables(tokenizer, catalogue) if metric and valid_rows else (None, None)
     dropout_key = jax.random.PRNGKey(cfg.run.seed)
     if progress_meta.get("best_step") is not None and progress_meta.get("best_metric", "") != metric:
         raise RecError(f"{cfg.run.dir}: sft_best was picked by {progress_meta.get('best_metric') or 'validation loss'}; "
@@ -351,7 +352,8 @@ def _train(cfg: Config, crash_after: int | None = None) -> dict:
                     ranked = ranking_metrics(state.params, shape, valid_rows, tokenizer, catalogue, mesh,
                                              prompt_style=cfg.eval.prompt, batch_size=cfg.eval.batch_size,
                                              beams=cfg.train.eval_beams, topk=cfg.eval.topk, pad_id=pad_id,
-                                             compute_dtype=jnp.dtype(cfg.model.compute_dtype))
+                                             compute_dtype=jnp.dtype(cfg.model.compute_dtype), trie=trie,
+                                             id_to_token=id_to_token)
                     entry.update({f"val/{k}": v for k, v in ranked.items()})
                     value = ranked[metric]
                     best = progress_meta.get("best_value")

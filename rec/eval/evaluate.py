@@ -163,27 +163,66 @@ def decode_tables(tokenizer, catalogue):
     return trie, tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
 
 
-def ranking_metrics(params, shape, rows, tokenizer, catalogue, mesh, *, prompt_style: str, batch_size: int,
-                    beams: int, topk, pad_id: int, compute_dtype, trie, id_to_token) -> dict[str, float]:
-    """HR@K / NDCG@K of `params` on `rows` with `beams` constrained beams (the validation that SFT
-    `train.best_metric` and RL `rl.best_metric` select on; `rec eval` is the same decode with
-    batches kept in flight). `trie`, `id_to_token`: the caller's `decode_tables`."""
+def eval_token_lists(tokenizer, rows, style: str):
+    """(eval prompts, their token ids) for `rows` in the `eval.prompt` wording `style`; header and
+    body are tokenized separately, as upstream."""
     from rec.data.prompts import eval_prompt
+    from rec.tokenizer import encode
+
+    prompts = [eval_prompt(r.history_sids, r.item_sid, style=style) for r in rows]
+    return prompts, [encode(tokenizer, p.header) + encode(tokenizer, p.body) for p in prompts]
+
+
+def decode_rows(params, shape, token_lists, mesh, *, trie, id_to_token, beams: int, batch_size: int,
+                pad_id: int, compute_dtype, buckets, on_batch=None) -> tuple[list[list[str]], float]:
+    """Constrained beam search over every prompt of `token_lists`: ([SID list, best first] per
+    prompt in input order, seconds spent tracing and compiling). Prompts are grouped into
+    `buckets` and cut into fixed-shape batches; one batch is in flight, so batch i+1 is padded and
+    dispatched before batch i is fetched and decoded to strings and the host work hides behind
+    the device's. `on_batch(n)` is called as each batch of n prompts completes (progress)."""
     from rec.decode.beam import constrained_beam_search, decode_sids
     from rec.dist import process_allgather, shard_batch
-    from rec.eval.metrics import compute_metrics
-    from rec.tokenizer import encode
-    prompts = [eval_prompt(r.history_sids, r.item_sid, style=prompt_style) for r in rows]
-    token_lists = [encode(tokenizer, p.header) + encode(tokenizer, p.body) for p in prompts]
+
     lengths = [len(t) for t in token_lists]
-    predictions: list = [None] * len(prompts)
-    for bucket, indices in plan_batches(lengths, choose_buckets(lengths), batch_size):
-        ids, mask = left_pad([token_lists[i] for i in indices], bucket, pad_id, batch_size)
-        g_ids, g_mask = shard_batch((ids, mask), mesh)
-        sids, _ = constrained_beam_search(params, shape, g_ids, g_mask, trie, beams, compute_dtype=compute_dtype)
-        decoded = decode_sids(id_to_token, np.asarray(process_allgather(sids))[: len(indices)])
-        for i, sid_list in zip(indices, decoded, strict=True):
-            predictions[i] = sid_list
+    predictions: list = [None] * len(token_lists)
+    seen_buckets: set[int] = set()
+    compile_s = 0.0
+
+    def collect(indices, sids) -> None:
+        sids = np.asarray(process_allgather(sids))  # blocks until that batch is decoded
+        for row_index, sid_list in zip(indices, decode_sids(id_to_token, sids[: len(indices)]), strict=True):
+            predictions[row_index] = sid_list
+        if on_batch is not None:
+            on_batch(len(indices))
+
+    pending = None
+    for bucket, indices in plan_batches(lengths, buckets, batch_size):
+        tokens, mask = left_pad([token_lists[i] for i in indices], bucket, pad_id, batch_size)
+        g_tokens, g_mask = shard_batch((tokens, mask), mesh)
+        dispatch_start = time.perf_counter()
+        sids, _scores = constrained_beam_search(params, shape, g_tokens, g_mask, trie, beams, compute_dtype=compute_dtype)
+        if bucket not in seen_buckets:  # tracing + compilation happen inside the call
+            compile_s += time.perf_counter() - dispatch_start
+            seen_buckets.add(bucket)
+        if pending is not None:
+            collect(*pending)
+        pending = (indices, sids)
+    if pending is not None:
+        collect(*pending)
+    return predictions, compile_s
+
+
+def ranking_metrics(params, shape, rows, tokenizer, catalogue, mesh, *, prompt_style: str, batch_size: int,
+                    beams: int, topk, pad_id: int, compute_dtype, trie, id_to_token) -> dict[str, float]:
+    """HR@K / NDCG@K of `params` on `rows` with `beams` constrained beams: the validation that SFT
+    `train.best_metric` and RL `rl.best_metric` select on, the same decode as `rec eval`.
+    `trie`, `id_to_token`: the caller's `decode_tables`."""
+    from rec.eval.metrics import compute_metrics
+
+    prompts, token_lists = eval_token_lists(tokenizer, rows, prompt_style)
+    predictions, _ = decode_rows(params, shape, token_lists, mesh, trie=trie, id_to_token=id_to_token, beams=beams,
+                                 batch_size=batch_size, pad_id=pad_id, compute_dtype=compute_dtype,
+                                 buckets=choose_buckets([len(t) for t in token_lists]))
     records = [{"input": p.text, "output": r.item_sid + "\n", "predict": pred}
                for p, r, pred in zip(prompts, rows, predictions, strict=True)]
     ks = [k for k in topk if k <= beams] or [beams]
@@ -211,17 +250,7 @@ def run_eval(cfg) -> dict:
     import jax.numpy as jnp
 
     from rec.data.dataset import load_catalogue, read_split, split_path
-    from rec.data.prompts import eval_prompt
-    from rec.decode.beam import constrained_beam_search, decode_sids
-    from rec.dist import (
-        batch_divisor,
-        init_distributed,
-        is_primary,
-        make_mesh,
-        process_allgather,
-        shard_batch,
-    )
-    from rec.tokenizer import encode
+    from rec.dist import batch_divisor, init_distributed, is_primary, make_mesh
     from rec.train.common import load_model_and_tokenizer
 
     if not cfg.data.dir:
@@ -260,44 +289,17 @@ def run_eval(cfg) -> dict:
     shape, params, tok = load_model_and_tokenizer(cfg, catalogue, "eval", mesh=mesh)
     trie, id_to_token = decode_tables(tok, catalogue)
 
-    prompts = [eval_prompt(r.history_sids, r.item_sid, style=cfg.eval.prompt) for r in rows]
-    token_lists = [encode(tok, p.header) + encode(tok, p.body) for p in prompts]
-    lengths = [len(t) for t in token_lists]
+    prompts, token_lists = eval_token_lists(tok, rows, cfg.eval.prompt)
     # A compile costs about as much as decoding a few dozen batches on CPU and a few on TPU.
-    buckets = choose_buckets(lengths, min_rows_per_bucket=16 * cfg.eval.batch_size)
-    batch_size = cfg.eval.batch_size
-    plan = plan_batches(lengths, buckets, batch_size)
+    buckets = choose_buckets([len(t) for t in token_lists], min_rows_per_bucket=16 * cfg.eval.batch_size)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     compute_dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[cfg.model.compute_dtype]
 
-    predictions: list[list[str] | None] = [None] * len(rows)
     progress = _progress(len(rows), cfg.run.progress and is_primary(), f"eval {cfg.data.split}")
-    seen_buckets: set[int] = set()
-    compile_s = 0.0
-
-    def collect(indices, sids) -> None:
-        sids = np.asarray(process_allgather(sids))  # blocks until that batch is decoded
-        for row_index, sid_list in zip(indices, decode_sids(id_to_token, sids[: len(indices)]), strict=True):
-            predictions[row_index] = sid_list
-        progress.update(len(indices))
-
-    # One batch in flight: batch i+1 is padded and dispatched before batch i is fetched and
-    # decoded to strings, so the host work hides behind the device's.
     loop_start = time.perf_counter()
-    pending = None
-    for bucket, indices in plan:
-        tokens, mask = left_pad([token_lists[i] for i in indices], bucket, pad_id, batch_size)
-        g_tokens, g_mask = shard_batch((tokens, mask), mesh)
-        dispatch_start = time.perf_counter()
-        sids, _scores = constrained_beam_search(params, shape, g_tokens, g_mask, trie, beams, compute_dtype=compute_dtype)
-        if bucket not in seen_buckets:  # tracing + compilation happen inside the call
-            compile_s += time.perf_counter() - dispatch_start
-            seen_buckets.add(bucket)
-        if pending is not None:
-            collect(*pending)
-        pending = (indices, sids)
-    if pending is not None:
-        collect(*pending)
+    predictions, compile_s = decode_rows(params, shape, token_lists, mesh, trie=trie, id_to_token=id_to_token,
+                                         beams=beams, batch_size=cfg.eval.batch_size, pad_id=pad_id,
+                                         compute_dtype=compute_dtype, buckets=buckets, on_batch=progress.update)
     progress.close()
     total_s = time.perf_counter() - loop_start
     steady_s = total_s - compile_s

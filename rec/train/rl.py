@@ -209,8 +209,8 @@ def _prepare(cfg, mesh):
     """Catalogue, rows, model, tokenizer, trie and tokenized prompts."""
     from rec.data.dataset import load_catalogue, read_split, split_path
     from rec.data.rl import rl_prompt_ids, rl_prompts
-    from rec.decode.trie import trie_from_sids
     from rec.dist import batch_divisor
+    from rec.eval.evaluate import decode_tables
     from rec.tokenizer import newline_id
     from rec.train.common import check_eval_batch_divisible, eos_and_pad_ids, load_model_and_tokenizer
 
@@ -239,9 +239,9 @@ def _prepare(cfg, mesh):
         check_eval_batch_divisible(cfg, divisor)
 
     shape, params, tok = load_model_and_tokenizer(cfg, catalogue, STAGE, mesh=mesh)
-    eos_id, pad_id = eos_and_pad_ids(tok, cfg)
+    eos_id, pad_id = eos_and_pad_ids(tok, cfg)  # a one-line error when the tokenizer has no EOS
     nl_id = newline_id(tok)
-    trie = trie_from_sids(catalogue.all_sids, tok, nl_id, eos_id)
+    trie, id_to_token = decode_tables(tok, catalogue)  # the same tables as rec eval's
     if rl.generations > trie.num_sids:
         raise RecError(f"config: 'rl.generations' ({rl.generations}) is more than the {trie.num_sids} distinct SIDs")
     if valid_rows and rl.eval_beams > trie.num_sids:
@@ -255,7 +255,7 @@ def _prepare(cfg, mesh):
         cfg=cfg, mesh=mesh, shape=shape, tokenizer=tok, trie=trie, catalogue=catalogue, prompt_ids=prompt_ids,
         targets=[p.target_sid for p in prompts], valid_rows=valid_rows, pad_id=pad_id, newline_id=nl_id,
         eos_id=eos_id, compute_dtype=COMPUTE_DTYPES[cfg.model.compute_dtype], micro_prompts=micro,
-        total_steps=total_steps, id_to_token=tok.convert_ids_to_tokens(list(range(len(tok)))),
+        total_steps=total_steps, id_to_token=id_to_token,
         decode_attention="fast" if _env_fast_attention() else "plain",
     )
     return setup, params

@@ -194,6 +194,21 @@ def rollout_checkpoint_tree(state, ref_params) -> dict:
     return tree
 
 
+def save_rollout_last(cfg: Config, tag: str, writer, logger, guard, step: int, total_steps: int, save_every: int,
+                      state, ref_params, meta: dict) -> None:
+    """Save the resumable `tag` checkpoint (state + reference) every `save_every` steps, at the
+    last step, and when a SIGTERM arrived (preemption: every process saves this same step, then
+    Preempted is raised and the CLI exits 143)."""
+    from rec.dist.preemption import Preempted
+
+    preempted = guard.reached(step) and step < total_steps
+    if (step % save_every == 0 or step == total_steps or preempted) and writer.last_saved(tag) != step:
+        logger.flush()
+        writer.save(tag, rollout_checkpoint_tree(state, ref_params), step, meta, keep=cfg.checkpoint.keep)
+    if preempted:
+        raise Preempted(step, f"{cfg.run.dir}/checkpoints/{tag}/{step}")
+
+
 def resume_rollout_state(cfg: Config, tag: str, state, ref_params, tx, mesh):
     """(state, ref_params, meta) from the newest finalised step of `tag` when `run.resume` and one
     exists; otherwise the given values and meta None. Restored straight onto the live layout."""

@@ -245,13 +245,13 @@ def run_grpo(cfg) -> dict:
     """Run GSM8K GRPO as configured; returns the figures merged into run_summary.json."""
     from rec import checkpoint
     from rec.dist import init_distributed, is_primary, make_mesh, shard_batch
-    from rec.dist.preemption import Preempted, PreemptionGuard
+    from rec.dist.preemption import PreemptionGuard
     from rec.train.common import (
         check_rollout_memory,
         prepare_run_dir,
         refuse_sft_only_keys,
         resume_rollout_state,
-        rollout_checkpoint_tree,
+        save_rollout_last,
     )
     from rec.train.logging import MetricsLogger, merge_run_summary
     from rec.train.loop import make_train_step
@@ -361,14 +361,8 @@ def run_grpo(cfg) -> dict:
                 last_metrics.update({f"eval/{k}": v for k, v in last_eval.items()})
                 last_metrics["eval_s"] = time.perf_counter() - t2
             logger.log(step, last_metrics)
-            # SIGTERM (preemption): every process saves this same step, then the CLI exits 143.
-            preempted = guard.reached(step) and step < setup.total_steps
-            if (step % save_every == 0 or step == setup.total_steps or preempted) and writer.last_saved(LAST_TAG) != step:
-                logger.flush()
-                writer.save(LAST_TAG, rollout_checkpoint_tree(state, ref_params), step, _meta(setup, step),
-                            keep=cfg.checkpoint.keep)
-            if preempted:
-                raise Preempted(step, f"{cfg.run.dir}/checkpoints/{LAST_TAG}/{step}")
+            save_rollout_last(cfg, LAST_TAG, writer, logger, guard, step, setup.total_steps, save_every, state,
+                              ref_params, _meta(setup, step))
     finally:
         guard.close()
         writer.close()

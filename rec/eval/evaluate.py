@@ -251,7 +251,7 @@ def run_eval(cfg) -> dict:
 
     from rec.data.dataset import load_catalogue, read_split, split_path
     from rec.dist import batch_divisor, init_distributed, is_primary, make_mesh
-    from rec.train.common import load_model_and_tokenizer
+    from rec.train.common import eos_and_pad_ids, load_model_and_tokenizer
 
     if not cfg.data.dir:
         raise RecError("config: 'data.dir' is empty; set it to a MiniOneRec dataset directory")
@@ -287,13 +287,13 @@ def run_eval(cfg) -> dict:
             f"devices on the batch axes of mesh '{cfg.mesh.shape}'"
         )
     shape, params, tok = load_model_and_tokenizer(cfg, catalogue, "eval", mesh=mesh)
+    _eos_id, pad_id = eos_and_pad_ids(tok, cfg)  # a one-line error when the tokenizer has no EOS
     trie, id_to_token = decode_tables(tok, catalogue)
 
     prompts, token_lists = eval_token_lists(tok, rows, cfg.eval.prompt)
     # A compile costs about as much as decoding a few dozen batches on CPU and a few on TPU.
     buckets = choose_buckets([len(t) for t in token_lists], min_rows_per_bucket=16 * cfg.eval.batch_size)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    compute_dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[cfg.model.compute_dtype]
+    compute_dtype = jnp.dtype(cfg.model.compute_dtype)
 
     progress = _progress(len(rows), cfg.run.progress and is_primary(), f"eval {cfg.data.split}")
     loop_start = time.perf_counter()

@@ -304,6 +304,7 @@ def _train(cfg: Config, crash_after: int | None = None) -> dict:
 
     last_metrics: dict = {}
     metric = cfg.train.best_metric
+    best_key = "best_value" if metric else "best_val_loss"  # where progress_meta keeps the best so far
     trie, id_to_token = decode_tables(tokenizer, catalogue) if metric and valid_rows else (None, None)
     dropout_key = jax.random.PRNGKey(cfg.run.seed)
     if progress_meta.get("best_step") is not None and progress_meta.get("best_metric", "") != metric:
@@ -355,12 +356,9 @@ def _train(cfg: Config, crash_after: int | None = None) -> dict:
                                              compute_dtype=jnp.dtype(cfg.model.compute_dtype), trie=trie,
                                              id_to_token=id_to_token)
                     entry.update({f"val/{k}": v for k, v in ranked.items()})
-                    value = ranked[metric]
-                    best = progress_meta.get("best_value")
-                    improved = best is None or value > best
-                else:
-                    best = progress_meta["best_val_loss"]
-                    improved = best is None or val < best
+                value = ranked[metric] if metric else val
+                best = progress_meta.get(best_key)
+                improved = best is None or (value > best if metric else value < best)  # HR/NDCG up, loss down
                 if improved:
                     progress_meta.update(best_val_loss=val, best_step=step, bad_evals=0)
                     if metric:
@@ -370,14 +368,9 @@ def _train(cfg: Config, crash_after: int | None = None) -> dict:
                 patience = cfg.train.early_stopping_patience
                 if patience > 0 and progress_meta["bad_evals"] >= patience:
                     progress_meta["finished"] = True
-                    log.info(
-                        "early stopping at step %d (best %.5f at step %s)",
-                        step,
-                        progress_meta["best_value"] if metric else progress_meta["best_val_loss"],
-                        progress_meta["best_step"],
-                    )
-                entry["best_val_loss" if not metric else f"best_val/{metric}"] = (
-                    progress_meta["best_val_loss"] if not metric else progress_meta["best_value"])
+                    log.info("early stopping at step %d (best %.5f at step %s)", step, progress_meta[best_key],
+                             progress_meta["best_step"])
+                entry[f"best_val/{metric}" if metric else "best_val_loss"] = progress_meta[best_key]
                 logger.log(step, entry, show=True)
                 if improved:
                     writer.save("sft_best", {"params": state.params}, step, meta_for(state, dict(metrics, val_loss=val)))

@@ -34,7 +34,7 @@ test-fast: $(VENV)/.ok ## the test suite without tests marked slow
 	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow"
 
 lint: $(VENV)/.ok ## ruff
-	$(VENV)/bin/ruff check rec tools tests
+	$(VENV)/bin/ruff check rec tools tests image
 
 bench: $(VENV)/.ok ## eval benchmark on the tiny shape with the real Office valid split
 	$(REC) bench eval --shape tiny --beams 50 --data ../shared/data/minionerec/Office_Products

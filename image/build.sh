@@ -35,7 +35,7 @@ assemble_context() {
   mkdir -p "$dest/image"
   cp "$ROOT/pyproject.toml" "$dest/"
   cp -R "$ROOT/rec" "$ROOT/configs" "$dest/"
-  cp "$ROOT/image/Dockerfile" "$ROOT/image/entrypoint.sh" "$ROOT/image/requirements-tpu.txt" "$dest/image/"
+  cp "$ROOT/image/Dockerfile" "$ROOT/image/entrypoint.py" "$ROOT/image/requirements-tpu.txt" "$dest/image/"
   cp "$ROOT/image/.dockerignore" "$dest/.dockerignore"
   if [ -f "$ROOT/README.md" ]; then
     cp "$ROOT/README.md" "$dest/"

@@ -89,7 +89,10 @@ def entrypoint():
 
     def start(*args):
         proc = subprocess.Popen(
-            ["bash", str(IMAGE / "entrypoint.sh"), *args], stdout=subprocess.PIPE, text=True
+            [sys.executable, str(IMAGE / "entrypoint.py"), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         procs.append(proc)
         return proc
@@ -100,6 +103,7 @@ def entrypoint():
             proc.kill()
         proc.wait()
         proc.stdout.close()
+        proc.stderr.close()
 
 
 def test_entrypoint_keeps_the_exit_code(entrypoint):
@@ -123,6 +127,35 @@ def test_entrypoint_forwards_sigterm_to_the_child(entrypoint):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 7
     assert proc.stdout.read().strip() == f"saved checkpoint on {int(signal.SIGTERM)}"
+
+
+def test_entrypoint_loses_no_signal_whenever_it_comes(entrypoint):
+    """SIGTERM at every moment of the child's start-up: before its handler (the child dies, 143),
+    or after it (the handler's exit code, 7). Never a hang: a lost signal would let the child
+    sleep on, which is how the shell version once failed in CI."""
+    child = (
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda *_: sys.exit(7))\n"
+        "time.sleep(60)\n"
+    )
+    seen = set()
+    for delay in [0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.2, 0.3]:
+        proc = entrypoint(sys.executable, "-c", child)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGTERM)
+        status = proc.wait(timeout=30)
+        # before the entrypoint has blocked the signal, SIGTERM's default ends it (-15)
+        assert status in (7, 128 + signal.SIGTERM, -signal.SIGTERM), (delay, status)
+        seen.add(status)
+    assert 7 in seen  # the late signals did reach an installed handler
+
+
+def test_entrypoint_names_a_command_it_cannot_run(entrypoint):
+    proc = entrypoint("no-such-command-xyz", "--flag")
+    assert proc.wait(timeout=30) == 127
+    assert proc.stderr.read().strip() == (
+        "rec-entrypoint: cannot run 'no-such-command-xyz': No such file or directory"
+    )
 
 
 def test_entrypoint_reports_a_child_killed_by_the_signal(entrypoint):

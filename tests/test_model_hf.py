@@ -256,9 +256,16 @@ def test_export_run_dir_checkpoint(tmp_path, tiny_hf_dir_factory):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
 
 
-def test_gcs_round_trip_and_stale_shards_removed(gcs_bucket, tiny_hf_dir_factory):
-    """save_hf/load_hf on gs:// (fake-gcs-server); re-exporting unsharded removes the old shards."""
+def test_gcs_round_trip_and_stale_shards_removed(gcs_bucket, tiny_hf_dir_factory, tmp_path, monkeypatch):
+    """save_hf/load_hf on gs:// (fake-gcs-server); re-exporting unsharded removes the old shards;
+    no downloaded copy is left in the temporary directory."""
+    import tempfile
+
     from rec import storage
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
 
     shape, params = load_hf(str(tiny_hf_dir_factory(vocab_size=VOCAB, tied=False)), progress=False)
     out = f"gs://{gcs_bucket}/models/tiny"
@@ -275,6 +282,7 @@ def test_gcs_round_trip_and_stale_shards_removed(gcs_bucket, tiny_hf_dir_factory
     _, params3 = load_hf(out, progress=False)  # bf16 on disk, float32 in memory: bf16-rounded values
     rounded = np.asarray(params["norm"]["scale"]).astype(jnp.bfloat16).astype(np.float32)
     np.testing.assert_array_equal(params3["norm"]["scale"], rounded)
+    assert not list(scratch.glob("rec-*"))  # our downloads and staging dirs are gone (torch keeps its own)
 
 
 def test_bf16_compute_error_comparable_to_hf_bf16(tmp_path):

@@ -72,6 +72,27 @@ def test_save_and_reload_keeps_ids(synth_tokenizer_dir, tmp_path):
     assert encode(reloaded, "<a_1><d_1>") == encode(tok, "<a_1><d_1>")
 
 
+def test_tokenizer_from_gcs_leaves_no_download_behind(gcs_bucket, synth_tokenizer_dir, tmp_path, monkeypatch):
+    """A gs:// tokenizer loads like the local one, and its temporary download is removed."""
+    import tempfile
+
+    from rec import storage
+
+    tok = load_tokenizer(synth_tokenizer_dir)
+    url = f"gs://{gcs_bucket}/runs/r1/tokenizer"
+    save_tokenizer(tok, url)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    remote = load_tokenizer(url)
+    assert remote.get_vocab() == tok.get_vocab()
+    assert encode(remote, "<a_1><b_1>") == encode(tok, "<a_1><b_1>")
+    save_tokenizer(remote, str(tmp_path / "again"))  # still saveable once its files are gone
+    assert load_tokenizer(str(tmp_path / "again")).get_vocab() == tok.get_vocab()
+    assert not list(scratch.glob("rec-*"))  # downloads removed (torch keeps its own dir)
+    assert storage.listdir(url)  # the bucket copy is untouched
+
+
 def test_add_sid_tokens_only_missing_in_order(synth_tokenizer_dir, synth_dataset_dir):
     tok = load_tokenizer(synth_tokenizer_dir)
     n = len(tok)

@@ -181,55 +181,56 @@ def load_hf(
     np_dtype = _np_dtype(param_dtype, "param_dtype")
     config = read_hf_config(model_dir)
     shape = ModelShape.from_hf_config(config, source=storage.join(model_dir, CONFIG))
-    local_dir = storage.local_copy(model_dir)
-    index_path = os.path.join(local_dir, INDEX)
-    listing = storage.join(model_dir, INDEX if os.path.exists(index_path) else SINGLE)
-    reader = _Reader(_tensor_files(local_dir), listing, local_dir, model_dir)
+    # Every array below is a copy (astype / filled buffers), so the download can go at the end.
+    with storage.local_copy(model_dir) as local_dir:
+        index_path = os.path.join(local_dir, INDEX)
+        listing = storage.join(model_dir, INDEX if os.path.exists(index_path) else SINGLE)
+        reader = _Reader(_tensor_files(local_dir), listing, local_dir, model_dir)
 
-    L, H, V = shape.num_layers, shape.hidden_size, shape.vocab_size
-    vpad = shape.padded_vocab(vocab_multiple)
-    tied = shape.tie_embeddings or not reader.has("lm_head.weight")
-    if tied != shape.tie_embeddings:
-        # No lm_head in the files: HF would tie (small Qwen2.5 checkpoints), so do we.
-        shape = dataclasses.replace(shape, tie_embeddings=True)
+        L, H, V = shape.num_layers, shape.hidden_size, shape.vocab_size
+        vpad = shape.padded_vocab(vocab_multiple)
+        tied = shape.tie_embeddings or not reader.has("lm_head.weight")
+        if tied != shape.tie_embeddings:
+            # No lm_head in the files: HF would tie (small Qwen2.5 checkpoints), so do we.
+            shape = dataclasses.replace(shape, tie_embeddings=True)
 
-    params: dict = {}
-    per_layer = _layer_tensors(shape)
-    total = L * len(per_layer) + 2 + (0 if tied else 1)
-    bar = tqdm(
-        total=total,
-        desc=f"load {os.path.basename(model_dir.rstrip('/'))}",
-        file=sys.stderr,
-        disable=not progress,
-        leave=False,
-    )
+        params: dict = {}
+        per_layer = _layer_tensors(shape)
+        total = L * len(per_layer) + 2 + (0 if tied else 1)
+        bar = tqdm(
+            total=total,
+            desc=f"load {os.path.basename(model_dir.rstrip('/'))}",
+            file=sys.stderr,
+            disable=not progress,
+            leave=False,
+        )
 
-    embedding = np.zeros((vpad, H), np_dtype)
-    embedding[:V] = reader.get("model.embed_tokens.weight", (V, H)).astype(np_dtype)
-    params["embed_tokens"] = {"embedding": embedding}
-    bar.update()
-    # Stacked [L, ...] buffers filled layer by layer (no list-then-stack copy).
-    stacked = {}
-    for suffix, _, hf_shape, transposed in per_layer:
-        ours = hf_shape[::-1] if transposed else hf_shape
-        stacked[suffix] = np.empty((L, *ours), np_dtype)
-    for i in range(L):
-        for suffix, _, hf_shape, transposed in per_layer:
-            array = reader.get(f"model.layers.{i}.{suffix}", hf_shape)
-            stacked[suffix][i] = (array.T if transposed else array).astype(np_dtype)
-            bar.update()
-    layers: dict = {}
-    for suffix, path, _, _ in per_layer:
-        _set_path(layers, path, stacked[suffix])
-    params["layers"] = layers
-    params["norm"] = {"scale": reader.get("model.norm.weight", (H,)).astype(np_dtype)}
-    bar.update()
-    if not tied:
-        head = np.zeros((H, vpad), np_dtype)
-        head[:, :V] = reader.get("lm_head.weight", (V, H)).T.astype(np_dtype)
-        params["lm_head"] = {"kernel": head}
+        embedding = np.zeros((vpad, H), np_dtype)
+        embedding[:V] = reader.get("model.embed_tokens.weight", (V, H)).astype(np_dtype)
+        params["embed_tokens"] = {"embedding": embedding}
         bar.update()
-    bar.close()
+        # Stacked [L, ...] buffers filled layer by layer (no list-then-stack copy).
+        stacked = {}
+        for suffix, _, hf_shape, transposed in per_layer:
+            ours = hf_shape[::-1] if transposed else hf_shape
+            stacked[suffix] = np.empty((L, *ours), np_dtype)
+        for i in range(L):
+            for suffix, _, hf_shape, transposed in per_layer:
+                array = reader.get(f"model.layers.{i}.{suffix}", hf_shape)
+                stacked[suffix][i] = (array.T if transposed else array).astype(np_dtype)
+                bar.update()
+        layers: dict = {}
+        for suffix, path, _, _ in per_layer:
+            _set_path(layers, path, stacked[suffix])
+        params["layers"] = layers
+        params["norm"] = {"scale": reader.get("model.norm.weight", (H,)).astype(np_dtype)}
+        bar.update()
+        if not tied:
+            head = np.zeros((H, vpad), np_dtype)
+            head[:, :V] = reader.get("lm_head.weight", (V, H)).T.astype(np_dtype)
+            params["lm_head"] = {"kernel": head}
+            bar.update()
+        bar.close()
     return shape, params
 
 

@@ -8,9 +8,12 @@ The verified handoff (no-clobber uploads, CRC32C, MANIFEST.json) lives in `rec.s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
+import shutil
 import tempfile
+from collections.abc import Iterator
 
 from rec.errors import RecError
 
@@ -175,23 +178,31 @@ def makedirs(path: str) -> None:
         os.makedirs(path, exist_ok=True)
 
 
-def local_copy(path: str, cache_dir: str | None = None) -> str:
-    """A local directory/file holding `path` (downloads gs:// prefixes; local paths pass through)."""
+@contextlib.contextmanager
+def local_copy(path: str) -> Iterator[str]:
+    """A local directory/file holding `path` for the `with` block. A gs:// prefix is downloaded to
+    a temporary directory that is removed afterwards (a model copy left behind per load would fill
+    a pod's disk); local paths pass through untouched."""
     if not is_gcs(path):
-        return path
+        yield path
+        return
     bucket, name = split_gcs(path)
-    target = cache_dir or tempfile.mkdtemp(prefix="rec-gcs-")
-    prefix = name.rstrip("/")
-    blobs = list(gcs_client().list_blobs(bucket, prefix=prefix + "/"))
-    if not blobs:  # a single object
-        out = os.path.join(target, posixpath.basename(prefix))
-        write_bytes(out, read_bytes(path))
-        return out
-    for blob in blobs:
-        rel = blob.name[len(prefix) + 1 :]
-        if not rel or rel.endswith("/"):
-            continue
-        dest = os.path.join(target, rel)
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        blob.download_to_filename(dest)
-    return target
+    target = tempfile.mkdtemp(prefix="rec-gcs-")
+    try:
+        prefix = name.rstrip("/")
+        blobs = list(gcs_client().list_blobs(bucket, prefix=prefix + "/"))
+        if not blobs:  # a single object
+            out = os.path.join(target, posixpath.basename(prefix))
+            write_bytes(out, read_bytes(path))
+            yield out
+            return
+        for blob in blobs:
+            rel = blob.name[len(prefix) + 1 :]
+            if not rel or rel.endswith("/"):
+                continue
+            dest = os.path.join(target, rel)
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            blob.download_to_filename(dest)
+        yield target
+    finally:
+        shutil.rmtree(target, ignore_errors=True)

@@ -40,7 +40,18 @@ def load_tokenizer(directory: str):
     """A fast HF tokenizer from a local or gs:// directory, offline; pad = eos when it has no pad
     token, left padding (decoding batches of prompts)."""
     transformers = _quiet_transformers()
-    local = storage.local_copy(str(directory))
+    with storage.local_copy(str(directory)) as local:
+        tok = _from_local_files(transformers, local, directory)
+    if tok.eos_token is None:
+        raise RecError(f"{directory}: tokenizer has no eos_token (set it in tokenizer_config.json)")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def _from_local_files(transformers, local: str, directory: str):
+    """The tokenizer held in memory (a downloaded copy is removed once this returns)."""
     if not os.path.isdir(local):
         raise RecError(f"{directory}: tokenizer directory not found")
     if not any(os.path.exists(os.path.join(local, n)) for n in ("tokenizer.json", "vocab.json", "tokenizer.model")):
@@ -49,18 +60,11 @@ def load_tokenizer(directory: str):
         if os.path.exists(os.path.join(local, "tokenizer.json")):
             # tokenizer.json fully defines a fast tokenizer (pre-tokenizer, merges, added tokens);
             # loading it directly avoids AutoTokenizer's model-registry import (seconds, pulls torch).
-            tok = transformers.PreTrainedTokenizerFast.from_pretrained(local, local_files_only=True)
-        else:
-            tok = transformers.AutoTokenizer.from_pretrained(local, local_files_only=True, use_fast=True)
+            return transformers.PreTrainedTokenizerFast.from_pretrained(local, local_files_only=True)
+        return transformers.AutoTokenizer.from_pretrained(local, local_files_only=True, use_fast=True)
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RecError(f"{directory}: cannot load tokenizer ({first})") from None
-    if tok.eos_token is None:
-        raise RecError(f"{directory}: tokenizer has no eos_token (set it in tokenizer_config.json)")
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "left"
-    return tok
 
 
 def sid_tokens(source) -> list[str]:

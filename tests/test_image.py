@@ -130,15 +130,16 @@ def test_entrypoint_forwards_sigterm_to_the_child(entrypoint):
 
 
 def test_entrypoint_loses_no_signal_whenever_it_comes(entrypoint):
-    """SIGTERM at every moment of the child's start-up: before its handler (the child dies, 143),
-    or after it (the handler's exit code, 7). Never a hang: a lost signal would let the child
-    sleep on, which is how the shell version once failed in CI."""
+    """SIGTERM at many moments of the start-up: before the entrypoint blocks signals (it dies, -15),
+    before the child's handler (the child dies, 143), or after it (the handler's exit code, 7).
+    Never a hang: a lost signal would let the child sleep on, which is how the shell version once
+    failed in CI. (Which outcome each delay gives depends on the machine's load, so only the set of
+    allowed outcomes is checked; the handler case is pinned down by the test above.)"""
     child = (
         "import signal, sys, time\n"
         "signal.signal(signal.SIGTERM, lambda *_: sys.exit(7))\n"
         "time.sleep(60)\n"
     )
-    seen = set()
     for delay in [0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.2, 0.3]:
         proc = entrypoint(sys.executable, "-c", child)
         time.sleep(delay)
@@ -146,8 +147,6 @@ def test_entrypoint_loses_no_signal_whenever_it_comes(entrypoint):
         status = proc.wait(timeout=30)
         # before the entrypoint has blocked the signal, SIGTERM's default ends it (-15)
         assert status in (7, 128 + signal.SIGTERM, -signal.SIGTERM), (delay, status)
-        seen.add(status)
-    assert 7 in seen  # the late signals did reach an installed handler
 
 
 def test_entrypoint_names_a_command_it_cannot_run(entrypoint):

@@ -207,6 +207,11 @@ def test_grpo_resume_ends_in_the_same_state(tmp_path, synth_tokenizer_dir, clean
     _, pa = checkpoint.load_params(str(straight), "grpo_last")
     _, pb = checkpoint.load_params(str(resumed), "grpo_last")
     jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6), pa, pb)
+    # the same directory as a fresh run: refused (Orbax would keep the old steps and save nothing)
+    fresh = cfg(resumed)
+    fresh.run.resume = False
+    with pytest.raises(RecError, match=r"already holds GRPO checkpoints \(checkpoints/grpo_last\)"):
+        G.run_grpo(fresh)
 
 
 def test_prompt_uses_chat_template_when_the_tokenizer_has_one(synth_tokenizer_dir):

@@ -217,6 +217,10 @@ def test_rl_resume_ends_in_the_same_state(tmp_path, synth_tokenizer_dir, monkeyp
     assert checkpoint.latest_step(str(resumed), "rl_last") == 2
     RL.run_rl(cfg)
     assert checkpoint.latest_step(str(resumed), "rl_last") == 4
+    # the same directory as a fresh run: refused (Orbax would keep the old steps and save nothing)
+    fresh = load_config(TINY_RL, _tiny_overrides(data_dir, synth_tokenizer_dir, resumed, 4) + extra + ["run.resume=false"])
+    with pytest.raises(RecError, match=r"already holds RL checkpoints \(checkpoints/rl_last\)"):
+        RL.run_rl(fresh)
     _, a = checkpoint.load_params(str(straight), "rl_last")
     _, b = checkpoint.load_params(str(resumed), "rl_last")
     jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6), a, b)

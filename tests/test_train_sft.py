@@ -179,7 +179,7 @@ def test_config_errors(tmp_path, synth_dataset_dir, synth_tokenizer_dir):
     # a run directory that already holds an SFT run is never restarted from scratch silently
     run = str(tmp_path / "used")
     checkpoint.save(run, "sft_last", {"params": {"w": np.zeros(2, np.float32)}}, 3, {})
-    with pytest.raises(RecError, match="already holds an SFT run"):
+    with pytest.raises(RecError, match=r"already holds SFT checkpoints \(checkpoints/sft_last\)"):
         sft.run_sft(_cfg(run, synth_dataset_dir, synth_tokenizer_dir, "run.resume=false"))
 
 

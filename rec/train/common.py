@@ -158,6 +158,17 @@ def save_tokenizer(tokenizer, run_dir: str) -> str:
     return target
 
 
+def refuse_starting_over(cfg: Config, tag: str, stage: str) -> None:
+    """A fresh run (`run.resume=false`) into a run.dir that already holds `tag` checkpoints is an
+    error: Orbax keeps existing steps, so the new run would save nothing over the old steps, trim the
+    old metrics and hand the old weights on, without a word."""
+    if not cfg.run.resume and checkpoint.latest_step(cfg.run.dir, tag) is not None:
+        raise RecError(
+            f"{cfg.run.dir}: already holds {stage} checkpoints (checkpoints/{tag}); use another run.dir "
+            "or run.resume=true to continue it"
+        )
+
+
 def refuse_sft_only_keys(cfg: Config, stage: str) -> None:
     """RL/GRPO compare log-probabilities of one policy across forwards, so they run without
     dropout; a `train.dropout` set for them would be silently ignored, so it is an error."""

@@ -250,6 +250,7 @@ def run_grpo(cfg) -> dict:
         check_rollout_memory,
         prepare_run_dir,
         refuse_sft_only_keys,
+        refuse_starting_over,
         resume_rollout_state,
         save_rollout_last,
     )
@@ -259,6 +260,7 @@ def run_grpo(cfg) -> dict:
     from rec.train.state import init_state, state_shardings
 
     refuse_sft_only_keys(cfg, "grpo")
+    refuse_starting_over(cfg, LAST_TAG, "GRPO")
     check_grpo_config(cfg)
     init_distributed()
     fast = resolve_fast_paths(cfg)

@@ -424,6 +424,7 @@ def run_rl(cfg) -> dict:
         check_rollout_memory,
         prepare_run_dir,
         refuse_sft_only_keys,
+        refuse_starting_over,
         resume_rollout_state,
         save_rollout_last,
     )
@@ -432,6 +433,7 @@ def run_rl(cfg) -> dict:
     from rec.train.state import init_state, state_shardings
 
     refuse_sft_only_keys(cfg, "rl")
+    refuse_starting_over(cfg, LAST_TAG, "RL")
     check_rl_config(cfg)
     init_distributed()
     mesh = make_mesh(cfg.mesh.shape)

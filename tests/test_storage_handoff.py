@@ -188,10 +188,21 @@ def test_publish_errors_name_what_is_missing(gcs_bucket):
         RecError, match=r"checkpoints/rl_last: no finalised checkpoint step \(tags present: sft_best\)"
     ):
         handoff.publish(run, f"gs://{gcs_bucket}/h", "rl_last", progress=False)
+    # on gs:// Orbax writes a step in place and its commit marker last: without it, not finalised
+    with pytest.raises(RecError, match=r"sft_best: no finalised checkpoint step: step\(s\) 3 have no commit_success"):
+        handoff.publish(run, f"gs://{gcs_bucket}/h", "sft_best", progress=False)
+    with pytest.raises(RecError, match=r"sft_best/3: is not finalised \(no commit_success.txt\); finalised steps: none"):
+        handoff.publish(run, f"gs://{gcs_bucket}/h", "sft_best", step=3, progress=False)
+    storage.write_bytes(f"{run}/checkpoints/sft_best/3/commit_success.txt", b"ok")
+    with pytest.raises(RecError, match=r"sft_best/4: does not exist; finalised steps: 3"):
+        handoff.publish(run, f"gs://{gcs_bucket}/h", "sft_best", step=4, progress=False)
     with pytest.raises(RecError, match="tokenizer/: missing"):
         handoff.publish(run, f"gs://{gcs_bucket}/h", "sft_best", progress=False)
-    with pytest.raises(RecError, match="must lie outside the run directory"):
+    assert not storage.exists(f"gs://{gcs_bucket}/h")  # the refused publishes wrote nothing
+    with pytest.raises(RecError, match="must not contain one another"):
         handoff.publish(run, f"{run}/handoff", "sft_best", progress=False)
+    with pytest.raises(RecError, match="must not contain one another"):
+        handoff.publish(run, f"gs://{gcs_bucket}", "sft_best", progress=False)
 
 
 def test_step_choice_prefers_committed_steps(tmp_path):
@@ -221,6 +232,41 @@ def test_local_publish_verify_and_tamper(tmp_path):
         handoff.verify(dest)
 
 
+def test_refused_publish_leaves_the_existing_handoff_intact(tmp_path, monkeypatch):
+    """A second publication into a used prefix is refused before anything is copied, so the first
+    handoff still verifies; the same publication under another spelling of the run is a re-run."""
+    run, dest = tmp_path / "run", tmp_path / "handoff"
+    _write_run(str(run))
+    handoff.publish(str(run), str(dest), "rl_last", progress=False)
+    before = sorted(p.relative_to(dest) for p in dest.rglob("*"))
+    with pytest.raises(RecError, match="MANIFEST.json: already exists and describes a different publication"):
+        handoff.publish(str(run), str(dest), "sft_best", progress=False)
+    assert sorted(p.relative_to(dest) for p in dest.rglob("*")) == before
+    assert handoff.verify(str(dest)).endswith("checkpoints/rl_last/40")
+    monkeypatch.chdir(tmp_path)
+    again = handoff.publish("./run/", str(dest), "rl_last", progress=False)
+    assert again["already_present"] == len(EXPECTED)
+    # a handoff inside the run (spelled relatively), or a run inside the handoff: refused
+    with pytest.raises(RecError, match="must not contain one another"):
+        handoff.publish(str(run), "run/../run/h", "rl_last", progress=False)
+    with pytest.raises(RecError, match="must not contain one another"):
+        handoff.publish(str(run), str(tmp_path), "rl_last", progress=False)
+
+
+def test_handoff_files_are_readable_by_other_users(tmp_path):
+    """An eval job may run as another uid on a shared filesystem: the copies get the usual
+    umask-based mode, not the private mode of a temporary file."""
+    run, dest = tmp_path / "run", tmp_path / "handoff"
+    _write_run(str(run))
+    old = os.umask(0o022)
+    try:
+        handoff.publish(str(run), str(dest), "rl_last", progress=False)
+    finally:
+        os.umask(old)
+    modes = {oct(p.stat().st_mode & 0o777) for p in dest.rglob("*") if p.is_file()}
+    assert modes == {"0o644"}
+
+
 def test_gcs_to_local_and_cli(gcs_bucket, tmp_path, capsys):
     from rec.cli import main
 
@@ -234,3 +280,33 @@ def test_gcs_to_local_and_cli(gcs_bucket, tmp_path, capsys):
     assert main(["handoff", "verify", dest]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "MANIFEST.json: missing" in err and err.count("\n") == 1
+
+
+def test_failed_writes_leave_no_temporary_file(tmp_path):
+    """A write that fails midway (here: the file-size limit, as a full disk would) raises and leaves
+    neither the target nor a temporary file. Run in a child process: the limit is process-wide."""
+    import subprocess
+    import sys
+
+    script = (
+        "import resource, sys\n"
+        "from rec import storage\n"
+        "from rec.storage import handoff\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))\n"
+        "root = sys.argv[1]\n"
+        "src = root + '/src'\n"
+        "failed = 0\n"
+        "for write in (lambda: storage.write_bytes(root + '/a/file', b'0123456789'),\n"
+        "              lambda: handoff._Prefix(root + '/h').put_bytes_no_clobber('x/y', b'0123456789'),\n"
+        "              lambda: handoff._Prefix(root + '/h').put_from_no_clobber(handoff._Prefix(root), 'src', 'z')):\n"
+        "    try:\n"
+        "        write()\n"
+        "    except OSError:\n"
+        "        failed += 1\n"
+        "print(failed)\n"
+    )
+    (tmp_path / "src").write_bytes(b"0123456789")  # written here, without the limit
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "3"
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == ["src"]

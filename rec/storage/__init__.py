@@ -120,26 +120,57 @@ def read_json(path: str):
 
 
 def write_bytes(path: str, data: bytes) -> None:
-    """Write a whole file atomically (no partial file is ever visible under `path`)."""
+    """Write a whole file atomically (no partial file is ever visible under `path`, even after a
+    crash: the data is on disk before the rename)."""
     if is_gcs(path):
         _blob(path).upload_from_string(data)
         return
-    directory = os.path.dirname(os.path.abspath(path))
+    tmp = write_temp_file(os.path.dirname(os.path.abspath(path)), data)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_temp_file(directory: str, data: bytes | None = None, source: str | None = None) -> str:
+    """A new temporary file in `directory` (created if needed) holding `data` or a copy of the
+    local file `source`, flushed to disk and with the mode a plain new file would get; the caller
+    renames or links it into place. Nothing is left behind when writing fails."""
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644 & ~_umask())  # mkstemp creates 0600; give the file normal permissions
-        os.replace(tmp, path)
+            if source is not None:
+                with open(source, "rb") as src:
+                    shutil.copyfileobj(src, f, 8 * 1024 * 1024)
+            elif data is not None:
+                f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, new_file_mode())  # mkstemp creates 0600, unreadable to a job running as another uid
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        os.unlink(tmp)
         raise
+    return tmp
+
+
+def new_file_mode() -> int:
+    """The mode open() gives a new file: 0666 less the process umask."""
+    return 0o666 & ~_umask()
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    # Read, not set-and-restore: os.umask(0) would briefly apply to files other threads create
+    # (Orbax's async checkpoint writer among them).
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # no /proc (not Linux): the classic way, with a common default meanwhile
     os.umask(mask)
     return mask
 

@@ -30,9 +30,7 @@ import json
 import os
 import posixpath
 import re
-import shutil
 import sys
-import tempfile
 
 from rec import storage
 from rec.errors import RecError
@@ -148,11 +146,7 @@ class _Prefix:
             except gexc.PreconditionFailed:
                 return False
             return True
-        directory = os.path.dirname(self.full(rel))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        tmp = storage.write_temp_file(os.path.dirname(self.full(rel)), data)
         return self._link_no_clobber(tmp, self.full(rel))
 
     def put_from_no_clobber(self, source: _Prefix, src_rel: str, rel: str) -> bool:
@@ -173,14 +167,11 @@ class _Prefix:
                 return False
             return True
         directory = os.path.dirname(self.full(rel))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-        os.close(fd)
+        if not source.gcs:
+            return self._link_no_clobber(storage.write_temp_file(directory, source=source.full(src_rel)), self.full(rel))
+        tmp = storage.write_temp_file(directory)
         try:
-            if source.gcs:
-                source._bucket().blob(source._blob_name(src_rel)).download_to_filename(tmp, checksum="crc32c")
-            else:
-                shutil.copyfile(source.full(src_rel), tmp)
+            source._bucket().blob(source._blob_name(src_rel)).download_to_filename(tmp, checksum="crc32c")
         except BaseException:
             os.unlink(tmp)
             raise
@@ -202,18 +193,47 @@ class _Prefix:
 # Publish
 
 
-def choose_step(run: _Prefix, tag: str) -> int:
-    """The newest finalised step under checkpoints/<tag>/ (numeric directory names; where Orbax
-    wrote commit markers, only steps that have one)."""
+def _nested(outer: _Prefix, inner: _Prefix) -> bool:
+    """Whether `inner` is `outer` or lies inside it (local paths compared resolved)."""
+    if outer.gcs != inner.gcs:
+        return False
+    a, b = (outer.url, inner.url) if outer.gcs else (os.path.realpath(outer.url), os.path.realpath(inner.url))
+    return b == a or b.startswith(a.rstrip("/") + "/")
+
+
+def choose_step(run: _Prefix, tag: str, step: int | None = None) -> int:
+    """The newest finalised step under checkpoints/<tag>/ (numeric directory names), or `step`
+    after checking that it is finalised.
+
+    Finalised: on local disk Orbax renames a finished step into place, so every numeric directory
+    is one (unless some steps carry commit markers, then only those). On gs:// Orbax writes the
+    step in place and adds commit_success.txt last, so a step without it may be half written,
+    unless the source is itself a verified handoff (its MANIFEST.json lists every object)."""
+    where = run.full(f"checkpoints/{tag}")
     names = run.subdirs(f"checkpoints/{tag}")
     steps = sorted(int(n) for n in names if re.fullmatch(r"[0-9]+", n))
     if not steps:
         have = ", ".join(run.subdirs("checkpoints")) or "none"
-        raise RecError(
-            f"{run.full('checkpoints/' + tag)}: no finalised checkpoint step (tags present: {have})"
-        )
+        raise RecError(f"{where}: no finalised checkpoint step (tags present: {have})")
     committed = [s for s in steps if run.info(f"checkpoints/{tag}/{s}/{COMMIT_MARKER}") is not None]
-    return (committed or steps)[-1]
+    if committed:
+        finalised = committed
+    elif not run.gcs or run.info(MANIFEST) is not None:
+        finalised = steps
+    else:
+        finalised = []
+    if step is None:
+        if not finalised:
+            raise RecError(
+                f"{where}: no finalised checkpoint step: step(s) {', '.join(map(str, steps))} have no "
+                f"{COMMIT_MARKER} (the save is still running or was interrupted)"
+            )
+        return finalised[-1]
+    if step not in finalised:
+        state = "is not finalised (no " + COMMIT_MARKER + ")" if step in steps else "does not exist"
+        shown = ", ".join(map(str, finalised)) or "none"
+        raise RecError(f"{where}/{step}: {state}; finalised steps: {shown}")
+    return step
 
 
 def _source_objects(run: _Prefix, tag: str, step: int) -> dict[str, ObjectInfo]:
@@ -260,12 +280,24 @@ def publish(
     if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", tag or ""):
         raise RecError(f"--tag {tag!r}: not a checkpoint tag (e.g. rl_last)")
     run, dest = _Prefix(run_prefix), _Prefix(handoff_prefix)
-    if run.url == dest.url or dest.url.startswith(run.url + "/"):
+    if _nested(run, dest) or _nested(dest, run):
         raise RecError(
-            f"{handoff_prefix}: the handoff prefix must lie outside the run directory {run_prefix}"
+            f"{handoff_prefix}: the handoff prefix and the run directory {run_prefix} must not contain "
+            "one another"
         )
-    step = choose_step(run, tag) if step is None else step
+    if run.info(MANIFEST) is not None:
+        verify(run.url)  # re-publishing a handoff: only a complete one
+    step = choose_step(run, tag, step)
     objects = _source_objects(run, tag, step)
+    # One spelling per source, so a re-run with another spelling of the same directory is idempotent.
+    body = manifest_bytes(run.url if run.gcs else os.path.realpath(run.url), tag, step, objects)
+    existing = dest.read(MANIFEST)
+    if existing is not None and existing != body:
+        # Checked before anything is copied: a refused publish must leave the handoff as it was.
+        raise RecError(
+            f"{dest.full(MANIFEST)}: already exists and describes a different publication; "
+            "refusing to overwrite: publish to a new prefix"
+        )
     copied = present = 0
     bar = tqdm(
         objects.values(), desc=f"publish {tag}/{step}", unit="obj", file=sys.stderr, disable=not progress
@@ -288,7 +320,6 @@ def publish(
             )
         copied += written
         present += not written
-    body = manifest_bytes(run_prefix, tag, step, objects)
     if not dest.put_bytes_no_clobber(MANIFEST, body) and dest.read(MANIFEST) != body:
         raise RecError(
             f"{dest.full(MANIFEST)}: already exists and describes a different publication; "

@@ -348,6 +348,8 @@ def validate(cfg: Config) -> None:
             f"config: 'train.batch_size' ({cfg.train.batch_size}) must be a multiple of "
             f"'train.micro_batch_size' ({cfg.train.micro_batch_size})"
         )
+    if not cfg.eval.topk or any(k < 1 for k in cfg.eval.topk):
+        raise RecError(f"config: 'eval.topk' must be a non-empty list of cut-offs >= 1, got {cfg.eval.topk}")
     if not 0.0 < cfg.grpo.top_p <= 1.0:
         raise RecError(f"config: 'grpo.top_p' must be in (0, 1], got {cfg.grpo.top_p}")
     if cfg.train.lr < 0:

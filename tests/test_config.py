@@ -50,6 +50,8 @@ def test_int_accepted_for_float_and_paths_with_colons():
         ("eval.beams=0", "'eval.beams' must be positive"),
         ("train.batch_size=10", "must be a multiple of 'train.micro_batch_size'"),
         ("nokey", "expected key=value"),
+        ("eval.topk=[0,10]", "'eval.topk' must be a non-empty list of cut-offs >= 1, got [0, 10]"),
+        ("eval.topk=[]", "'eval.topk' must be a non-empty list"),
     ],
 )
 def test_bad_overrides_name_the_key(override, needle):
@@ -114,3 +116,23 @@ def test_cli_bad_key_is_one_line_exit_2(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: override: unknown key 'train.stpes' (did you mean 'train.steps'?)"]
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_unusable_paths_are_one_line_errors(tmp_path, capsys):
+    """Paths the user names that cannot be written or read: one line naming the path, exit 2,
+    for quick commands (through the CLI's OSError handling) and before the heavy work of runs."""
+    from rec.cli import main
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    cases = [
+        (["data", "synth", "--out", str(a_file)], f"error: {a_file}: File exists"),
+        (["data", "synth", "--out", str(a_file / "sub")], f"error: {a_file / 'sub'}: Not a directory"),
+        (["eval", "data.dir=x", f"run.dir={a_file}/out"], f"error: run.dir {a_file}/out: {a_file} exists and is not a directory"),
+        (["sft", "data.dir=x", f"run.dir={a_file}"], f"error: run.dir {a_file}: {a_file} exists and is not a directory"),
+        (["eval", "data.dir=x", "eval.beams=10", "eval.topk=[20,50]"],
+         "error: config: 'eval.topk' [20, 50] has no cut-off <= 'eval.beams' (10)"),
+    ]
+    for argv, expected in cases:
+        assert main(argv) == 2, argv
+        assert capsys.readouterr().err.strip().splitlines()[-1] == expected

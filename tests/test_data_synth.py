@@ -1,5 +1,6 @@
 """`rec data synth`: valid format, deterministic, learnable (counting baselines), upstream-style splits."""
 
+import json
 from collections import Counter, defaultdict
 
 import pytest
@@ -104,6 +105,24 @@ def test_bad_arguments(tmp_path):
         make_synth_dataset(tmp_path / "x", levels=5)
     with pytest.raises(RecError, match="items must be at least"):
         make_synth_dataset(tmp_path / "x", items=2)
+
+
+
+def test_synth_rewrites_its_own_output_but_no_other_directory(tmp_path, office_dir):
+    """A second `data synth` into the same directory replaces the synthetic data; a real dataset
+    (no meta.json saying "synthetic") is never overwritten."""
+    import shutil
+
+    out = tmp_path / "synth"
+    make_synth_dataset(out, users=30, items=16, seed=1)
+    make_synth_dataset(out, users=40, items=16, seed=2)
+    assert json.loads((out / "meta.json").read_text())["synthetic"]["users"] == 40
+    real = tmp_path / "office"
+    shutil.copytree(office_dir, real)
+    before = {p.name: p.stat().st_size for p in real.iterdir()}
+    with pytest.raises(RecError, match=r"--out .*office: not empty and not an earlier synthetic dataset"):
+        make_synth_dataset(real, users=30, items=16)
+    assert {p.name: p.stat().st_size for p in real.iterdir()} == before
 
 
 def test_cli_synth(tmp_path, capsys):

@@ -230,6 +230,14 @@ def test_export_hf_dir_copies_tokenizer(tmp_path, tiny_hf_dir_factory):
     )
     with pytest.raises(RecError, match="neither a Hugging Face model directory"):
         export_model(str(tmp_path / "nothing"), str(tmp_path / "o2"))
+    # exporting again over an earlier export is fine; into someone else's directory it is refused
+    assert export_model(str(src), str(out), dtype="float32") == str(out)
+    dataset = tmp_path / "dataset"
+    dataset.mkdir()
+    (dataset / "test.csv").write_text("user_id,history_item_sid\n")
+    with pytest.raises(RecError, match=r"--out .*dataset: not empty and not an earlier model export"):
+        export_model(str(src), str(dataset), dtype="float32")
+    assert sorted(p.name for p in dataset.iterdir()) == ["test.csv"]
 
 
 def test_export_run_dir_checkpoint(tmp_path, tiny_hf_dir_factory):

@@ -2,12 +2,13 @@
 
 Heavy modules (jax, transformers) are imported inside each handler so `rec --help` is instant and
 a bad config is reported before any accelerator initialises. Every `RecError` becomes one line on
-stderr and exit status 2; Ctrl-C exits 130.
+stderr and exit status 2, as does an OSError on a path the user named; Ctrl-C exits 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 from rec.errors import RecError
@@ -289,6 +290,12 @@ def _setup_logging() -> None:
         logger.propagate = False
 
 
+_USER_ERRNOS = {
+    errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.EROFS,
+    errno.ENAMETOOLONG, errno.ENOTEMPTY,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     parser = build_parser()
@@ -301,6 +308,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        # A path the user gave that cannot be read or written: one line naming it. Exit 2 (a user
+        # error, not retried) for what a restart cannot fix; 1 for the rest (a full disk, I/O).
+        path = exc.filename2 if exc.filename2 is not None else exc.filename
+        if path is None:
+            raise
+        print(f"error: {path}: {exc.strerror or exc}", file=sys.stderr)
+        return 2 if exc.errno in _USER_ERRNOS else 1
     except Exception as exc:
         from rec.dist.preemption import EXIT_CODE, Preempted
 

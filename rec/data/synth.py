@@ -136,6 +136,15 @@ def _csv_text(samples, titles, sids) -> str:
     return buf.getvalue()
 
 
+def _is_synthetic(path: str) -> bool:
+    """Whether `path` holds a dataset this module wrote (its meta.json says so)."""
+    meta = storage.join(path, META_FILE)
+    try:
+        return storage.exists(meta) and "synthetic" in json.loads(storage.read_text(meta))
+    except (ValueError, TypeError, RecError):
+        return False
+
+
 def synthesize(out: str, users: int = 600, items: int = 240, seed: int = 0, levels: int = 3) -> str:
     """Write train/valid/test.csv, info.txt, index.json, item.json and meta.json under `out`."""
     if levels not in (3, 4):
@@ -144,6 +153,7 @@ def synthesize(out: str, users: int = 600, items: int = 240, seed: int = 0, leve
         raise RecError(f"items must be at least 8, got {items}")
     if users < 10:
         raise RecError(f"users must be at least 10 (the 8:1:1 split needs samples), got {users}")
+    storage.refuse_foreign_output(out, "--out", _is_synthetic, "synthetic dataset")
     rng = np.random.default_rng(seed)
     category, sid_tokens, members = _item_structure(rng, items, levels)
     sids = ["".join(t) for t in sid_tokens]

@@ -255,6 +255,10 @@ def run_eval(cfg) -> dict:
 
     if not cfg.data.dir:
         raise RecError("config: 'data.dir' is empty; set it to a MiniOneRec dataset directory")
+    if all(k > cfg.eval.beams for k in cfg.eval.topk):
+        # calc.py scores only K <= beams; with none left the run would end with no figure at all
+        raise RecError(f"config: 'eval.topk' {cfg.eval.topk} has no cut-off <= 'eval.beams' ({cfg.eval.beams})")
+    storage.check_output_dir(cfg.run.dir, "run.dir")
     init_distributed()
     catalogue = load_catalogue(cfg.data.dir)
     if cfg.data.split == SELECTION_SPLIT:

@@ -402,6 +402,7 @@ def is_hf_dir(path: str) -> bool:
 def export_model(model_path: str, out: str, checkpoint: str = "", dtype: str = "bfloat16") -> str:
     """`rec export`: an HF directory or a run directory (checkpoint tag) -> HF directory `out`."""
     _np_dtype(dtype, "--dtype")
+    storage.refuse_foreign_output(out, "--out", is_hf_dir, "model export (config.json)")
     if is_hf_dir(model_path):
         if checkpoint:
             raise RecError(

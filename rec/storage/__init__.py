@@ -204,6 +204,31 @@ def listdir(path: str) -> list[str]:
     return sorted(os.listdir(path))
 
 
+def check_output_dir(path: str, key: str) -> None:
+    """Fail early, with one line naming `key`, when the local directory `path` could not be created
+    or written: before a model loads or a run starts, not after. Creates nothing; gs:// passes."""
+    if is_gcs(path):
+        return
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise RecError(f"{key} {path}: {probe} exists and is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise RecError(f"{key} {path}: {probe} is not writable")
+
+
+def refuse_foreign_output(path: str, flag: str, is_ours, what: str) -> None:
+    """An output directory must be new, empty, or an earlier output of the same command
+    (`is_ours(path)`): writing into anything else would silently mix or replace someone's files
+    (a real dataset, a model)."""
+    if isdir(path) and listdir(path) and not is_ours(path):
+        raise RecError(
+            f"{flag} {path}: not empty and not an earlier {what}; refusing to write into it (choose a "
+            "new directory)"
+        )
+
+
 def makedirs(path: str) -> None:
     if not is_gcs(path):
         os.makedirs(path, exist_ok=True)

@@ -158,10 +158,12 @@ def save_tokenizer(tokenizer, run_dir: str) -> str:
     return target
 
 
-def refuse_starting_over(cfg: Config, tag: str, stage: str) -> None:
-    """A fresh run (`run.resume=false`) into a run.dir that already holds `tag` checkpoints is an
-    error: Orbax keeps existing steps, so the new run would save nothing over the old steps, trim the
-    old metrics and hand the old weights on, without a word."""
+def check_run_dir(cfg: Config, tag: str, stage: str) -> None:
+    """Before any work: run.dir must be a directory we can write, and a fresh run
+    (`run.resume=false`) into one that already holds `tag` checkpoints is an error: Orbax keeps
+    existing steps, so the new run would save nothing over the old steps, trim the old metrics and
+    hand the old weights on, without a word."""
+    storage.check_output_dir(cfg.run.dir, "run.dir")
     if not cfg.run.resume and checkpoint.latest_step(cfg.run.dir, tag) is not None:
         raise RecError(
             f"{cfg.run.dir}: already holds {stage} checkpoints (checkpoints/{tag}); use another run.dir "

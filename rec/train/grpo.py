@@ -248,9 +248,9 @@ def run_grpo(cfg) -> dict:
     from rec.dist.preemption import PreemptionGuard
     from rec.train.common import (
         check_rollout_memory,
+        check_run_dir,
         prepare_run_dir,
         refuse_sft_only_keys,
-        refuse_starting_over,
         resume_rollout_state,
         save_rollout_last,
     )
@@ -260,7 +260,7 @@ def run_grpo(cfg) -> dict:
     from rec.train.state import init_state, state_shardings
 
     refuse_sft_only_keys(cfg, "grpo")
-    refuse_starting_over(cfg, LAST_TAG, "GRPO")
+    check_run_dir(cfg, LAST_TAG, "GRPO")
     check_grpo_config(cfg)
     init_distributed()
     fast = resolve_fast_paths(cfg)

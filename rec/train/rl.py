@@ -422,9 +422,9 @@ def run_rl(cfg) -> dict:
     from rec.dist.preemption import PreemptionGuard
     from rec.train.common import (
         check_rollout_memory,
+        check_run_dir,
         prepare_run_dir,
         refuse_sft_only_keys,
-        refuse_starting_over,
         resume_rollout_state,
         save_rollout_last,
     )
@@ -433,7 +433,7 @@ def run_rl(cfg) -> dict:
     from rec.train.state import init_state, state_shardings
 
     refuse_sft_only_keys(cfg, "rl")
-    refuse_starting_over(cfg, LAST_TAG, "RL")
+    check_run_dir(cfg, LAST_TAG, "RL")
     check_rl_config(cfg)
     init_distributed()
     mesh = make_mesh(cfg.mesh.shape)

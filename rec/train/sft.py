@@ -31,7 +31,7 @@ from rec import checkpoint, dist, storage
 from rec.config import Config, to_dict
 from rec.dist.preemption import Preempted, PreemptionGuard
 from rec.errors import RecError
-from rec.train.common import load_model_and_tokenizer, prepare_run_dir, refuse_starting_over
+from rec.train.common import check_run_dir, load_model_and_tokenizer, prepare_run_dir
 from rec.train.logging import MetricsLogger, merge_run_summary
 from rec.train.loop import chunked_token_logprobs, make_eval_step, make_train_step, shift_labels
 from rec.train.optim import make_optimizer
@@ -205,7 +205,7 @@ def _train(cfg: Config, crash_after: int | None = None) -> dict:
     from rec.eval.evaluate import check_best_metric, decode_tables, ranking_metrics
 
     check_best_metric("train.best_metric", cfg.train.best_metric, "train.eval_beams", cfg.train.eval_beams)
-    refuse_starting_over(cfg, "sft_last", "SFT")
+    check_run_dir(cfg, "sft_last", "SFT")
     dist.init_distributed()
     mesh = dist.make_mesh(cfg.mesh.shape)
     num_micro = micro_batches(cfg.train, mesh)

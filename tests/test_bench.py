@@ -88,3 +88,21 @@ def test_delegation_names_missing_module():
         _delegate("rec.train.no_such_module", "bench_x", _args(what="rollout"))
     with pytest.raises(RecError, match="has no bench_x"):
         _delegate("rec.eval.metrics", "bench_x", _args(what="rollout"))
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["bench", "eval", "--beams", "0"], "argument --beams: must be >= 1, got 0"),
+        (["bench", "sft", "--seq-len", "-4"], "argument --seq-len: must be >= 1, got -4"),
+        (["bench", "sft", "--iters", "0"], "argument --iters: must be >= 1, got 0"),
+        (["bench", "rl", "--batch", "x"], "argument --batch: expected an integer, got 'x'"),
+    ],
+)
+def test_bad_bench_arguments_are_one_line_errors(argv, message, capsys):
+    from rec.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(message)

@@ -115,6 +115,18 @@ def test_load_params_reads_model_only_and_casts(tmp_path):
     np.testing.assert_allclose(
         np.asarray(emb, np.float32), np.asarray(params["embed_tokens"]["embedding"]), rtol=1e-2, atol=1e-3
     )
+    # a damaged checkpoint (its largest data file emptied, as a disk problem or a bad copy would)
+    # is one line naming the step directory, for every reader
+    data = max((f for f in (tmp_path / "run/checkpoints/rl_last/5/params").rglob("*") if f.is_file()),
+               key=lambda f: f.stat().st_size)
+    data.write_bytes(b"")
+    damaged = rf"{tmp_path}/run/checkpoints/rl_last/5: cannot restore \(.*\)$"
+    with pytest.raises(RecError, match=damaged):
+        checkpoint.load_params(run, "rl_last", mesh=mesh)
+    with pytest.raises(RecError, match=damaged):
+        checkpoint.restore(run, "rl_last", _target(state, opt, mesh))
+    with pytest.raises(RecError, match=damaged):
+        checkpoint.read_arrays(run, "rl_last")
 
 
 def test_fresh_process_reads_params_without_having_saved(tmp_path):

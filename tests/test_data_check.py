@@ -28,8 +28,10 @@ def test_real_catalogue_and_splits(industrial_dir, office_dir):
     assert len(read_split(office_dir, "test")) == 4866
     assert len(read_split(office_dir, "valid", limit=10)) == 10
     assert category_phrase(office_dir) == "office products"
-    with pytest.raises(RecError, match=r"train\.csv: not found \(this dataset has: valid; e\.g\. set data\.train_split=valid\)"):
+    with pytest.raises(RecError, match=r"train\.csv: not found \(this dataset has: valid\)$"):
         read_split(industrial_dir, "train")
+    with pytest.raises(RecError, match=r"tst\.csv: not found \(this dataset has: valid; set data\.split to one of them\)$"):
+        read_split(industrial_dir, "tst", key="data.split")
 
 
 def test_synthetic_dataset_passes(synth_dataset_dir):

@@ -80,12 +80,14 @@ def test_mix_reference_and_unsplit():
         ("rl.clip_eps=1.5", "rl.clip_eps"),
         ("data.dir=", "data.dir"),
         ("train.dropout=0.1", "train.dropout"),
+        ("rl.reward_weights=[1,2,3,4,5]", r"'rl.reward_weights' has 5 value\(s\) but the reward has 2 term\(s\)"),
     ],
 )
-def test_bad_rl_config_is_one_line_error(override, message):
-    cfg = load_config(TINY_RL, ["data.dir=/nonexistent", override])
+def test_bad_rl_config_is_one_line_error(override, message, tmp_path):
+    cfg = load_config(TINY_RL, ["data.dir=/nonexistent", f"run.dir={tmp_path}/run", override])
     with pytest.raises(RecError, match=message):
         RL.run_rl(cfg)
+    assert not (tmp_path / "run").exists()  # found before anything is written
 
 
 def test_cli_bad_rl_value_exit_2(tmp_path, capsys):

@@ -24,6 +24,7 @@ Layout of one checkpoint (an Orbax CheckpointManager step, finalised atomically)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any
@@ -198,12 +199,37 @@ def read_meta(run_dir: str, tag: str, step: int | None = None) -> dict:
     """The JSON metadata saved with a checkpoint (newest step unless given)."""
     ocp = _ocp()
     step = _resolve_step(run_dir, tag, step)
+    with _reading(run_dir, tag, step) as manager:
+        restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(restored["meta"])
+
+
+@contextlib.contextmanager
+def _reading(run_dir: str, tag: str, step: int):
+    """A manager on `tag` for one restore; a checkpoint that cannot be read (a truncated or missing
+    file, a tree that does not match) becomes one line naming the step directory."""
     manager = _manager(tag_dir(run_dir, tag), create=False)
     try:
-        restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        return dict(restored["meta"])
+        yield manager
+    except RecError:
+        raise
+    except Exception as exc:  # Orbax/TensorStore wrap the cause in groups and generic exceptions
+        raise RecError(f"{tag_dir(run_dir, tag)}/{step}: cannot restore ({_root_message(exc)})") from None
     finally:
         manager.close()
+
+
+def _root_message(exc: BaseException) -> str:
+    """The first line of the innermost error behind `exc` (through exception groups and causes)."""
+    while True:
+        if isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+            exc = exc.exceptions[0]
+        elif exc.__cause__ is not None:
+            exc = exc.__cause__
+        else:
+            break
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return first if len(first) <= 300 else first[:300] + "..."
 
 
 def _resolve_step(run_dir: str, tag: str, step: int | None) -> int:
@@ -222,15 +248,8 @@ def restore(run_dir: str, tag: str, abstract_state: Any, step: int | None = None
     items = _as_items(abstract_state)
     args = {name: ocp.args.StandardRestore(value) for name, value in items.items()}
     args["meta"] = ocp.args.JsonRestore()
-    manager = _manager(tag_dir(run_dir, tag), create=False)
-    try:
+    with _reading(run_dir, tag, step) as manager:
         restored = manager.restore(step, args=ocp.args.Composite(**args))
-    except (ValueError, KeyError, FileNotFoundError) as exc:
-        raise RecError(
-            f"{tag_dir(run_dir, tag)}/{step}: cannot restore ({str(exc).splitlines()[0]})"
-        ) from None
-    finally:
-        manager.close()
     values = _from_items(restored, tuple(items))
     meta = dict(restored["meta"])
     if hasattr(abstract_state, "as_dict"):
@@ -304,11 +323,8 @@ def load_params(
     abstract = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )
-    manager = _manager(tag_dir(run_dir, tag), create=False)
-    try:
+    with _reading(run_dir, tag, step) as manager:
         restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
-    finally:
-        manager.close()
     return shape, restored["params"]
 
 
@@ -324,20 +340,21 @@ def read_arrays(run_dir: str, tag: str, step: int | None = None) -> dict:
 
     ocp = _ocp()
     step = _resolve_step(run_dir, tag, step)
-    manager = _manager(tag_dir(run_dir, tag), create=False)
-    try:
+    with _reading(run_dir, tag, step) as manager:
         metadata = manager.item_metadata(step)
-    finally:
-        manager.close()
-    out = {}
-    reader = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
-    for name in ("params", "rest"):
-        tree = metadata.get(name) if hasattr(metadata, "get") else None
-        if tree is None:
-            continue
-        tree = getattr(tree, "tree", tree)
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree, is_leaf=_is_array_meta)
-        path = storage.join(_abs(tag_dir(run_dir, tag)), str(step), name)
-        out[name] = reader.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
-    reader.close()
+        out = {}
+        reader = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+        try:
+            for name in ("params", "rest"):
+                tree = metadata.get(name) if hasattr(metadata, "get") else None
+                if tree is None:
+                    continue
+                tree = getattr(tree, "tree", tree)
+                restore_args = jax.tree.map(
+                    lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree, is_leaf=_is_array_meta
+                )
+                path = storage.join(_abs(tag_dir(run_dir, tag)), str(step), name)
+                out[name] = reader.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+        finally:
+            reader.close()
     return out

@@ -14,6 +14,24 @@ import sys
 from rec.errors import RecError
 
 
+def _int_at_least(low: int):
+    """An argparse type: an integer >= `low` (argparse then reports a bad value in one line, exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+POSITIVE = _int_at_least(1)
+
+
 def _config_command(sub, name: str, help_text: str, default_config: str | None = None):
     p = sub.add_parser(name, help=help_text, description=help_text)
     p.add_argument("--config", default=default_config, help="YAML run config (configs/...)")
@@ -185,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_data_synth)
     c = dsub.add_parser("check", help="Validate every file of a dataset directory (file:row: message)")
     c.add_argument("dir")
-    c.add_argument("--max-problems", type=int, default=50)
+    c.add_argument("--max-problems", type=POSITIVE, default=50)
     c.set_defaults(fn=cmd_data_check)
 
     p = sub.add_parser("tokenizer", help="Tokenizer tools")
@@ -194,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = tsub.add_parser("build", help="Train a small byte-level BPE on a dataset's text, with its SID tokens")
     b.add_argument("--dataset", required=True)
     b.add_argument("--out", required=True)
-    b.add_argument("--vocab-size", type=int, default=512)
+    b.add_argument("--vocab-size", type=POSITIVE, default=512)
     b.set_defaults(fn=cmd_tokenizer_build)
 
     p = sub.add_parser("metrics", help="HR@K / NDCG@K from eval_predictions.json, as upstream calc.py")
@@ -213,14 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="Measure speed; prints one JSON object")
     p.add_argument("what", choices=["eval", "sft", "rollout", "rl"])
     p.add_argument("--shape", default="tiny")
-    p.add_argument("--beams", type=int, default=50)
-    p.add_argument("--batch", type=int, default=0, help="prompts (eval/rl) or sequences (sft, rollout) per call")
+    p.add_argument("--beams", type=POSITIVE, default=50)
+    p.add_argument("--batch", type=_int_at_least(0), default=0, help="prompts (eval/rl) or sequences (sft, rollout) per call")
     p.add_argument("--data", default="", help="MiniOneRec dataset directory (eval, rl)")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--prompt-len", type=int, default=256)
-    p.add_argument("--gen-len", type=int, default=512)
+    p.add_argument("--seq-len", type=POSITIVE, default=512)
+    p.add_argument("--prompt-len", type=POSITIVE, default=256)
+    p.add_argument("--gen-len", type=POSITIVE, default=512)
     p.add_argument("--fast", default="auto", choices=["auto", "on", "off"], help="rollout fast paths")
-    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--iters", type=POSITIVE, default=3)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.set_defaults(fn=cmd_bench)
 
@@ -234,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--select-fraction", type=float, default=0.1,
                    help="last fraction of the training source held out for SASRec early stopping")
     p.add_argument("--seeds", type=int, default=2, help="SASRec seeds 0..N-1 (0 = skip SASRec)")
-    p.add_argument("--epochs", type=int, default=200, help="SASRec's most epochs (early stopping usually ends sooner)")
+    p.add_argument("--epochs", type=POSITIVE, default=200, help="SASRec's most epochs (early stopping usually ends sooner)")
     p.set_defaults(fn=cmd_baselines)
 
     p = sub.add_parser("recipe", help="Run a whole named recipe (tokenizer -> SFT -> RL -> eval -> baselines -> report)")

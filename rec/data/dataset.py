@@ -266,12 +266,15 @@ def available_splits(directory: str) -> list[str]:
     return [s for s in SPLITS if storage.exists(split_path(directory, s))]
 
 
-def read_split(directory: str, split: str, limit: int = -1) -> list[Row]:
-    """Rows of `<dir>/<split>.csv` in file order (the first `limit` when limit >= 0)."""
+def read_split(directory: str, split: str, limit: int = -1, key: str = "") -> list[Row]:
+    """Rows of `<dir>/<split>.csv` in file order (the first `limit` when limit >= 0). `key`: the
+    setting that chose the split, named in the message when the file is missing."""
     path = split_path(directory, split)
     if not storage.exists(path):
         have = available_splits(directory)
-        hint = f" (this dataset has: {', '.join(have)}; e.g. set data.train_split=valid)" if have else ""
+        hint = f" (this dataset has: {', '.join(have)}" if have else ""
+        if hint:
+            hint += f"; set {key} to one of them)" if key else ")"
         raise RecError(f"{path}: not found{hint}")
     rows: list[Row] = []
     for line, fields in iter_csv_records(path, storage.read_text(path)):

@@ -153,15 +153,15 @@ def training_rows(data_cfg, selection_limit: int = -1) -> tuple[list[Row], list[
 
     check_train_from(data_cfg)
     if data_cfg.train_from:
-        source = read_split(data_cfg.dir, data_cfg.train_from, limit=data_cfg.limit)
+        source = read_split(data_cfg.dir, data_cfg.train_from, limit=data_cfg.limit, key="data.train_from")
         if not source:
             raise RecError(f"{data_cfg.dir}: split '{data_cfg.train_from}' (data.train_from) has no rows")
         train, select = windowed_rows(source, data_cfg.select_fraction)
     else:
-        train = read_split(data_cfg.dir, data_cfg.train_split, limit=data_cfg.limit)
+        train = read_split(data_cfg.dir, data_cfg.train_split, limit=data_cfg.limit, key="data.train_split")
         if not train:
             raise RecError(f"{data_cfg.dir}: split '{data_cfg.train_split}' (data.train_split) has no rows")
-        select = read_split(data_cfg.dir, data_cfg.valid_split, limit=selection_limit) if data_cfg.valid_split else []
+        select = read_split(data_cfg.dir, data_cfg.valid_split, limit=selection_limit, key="data.valid_split") if data_cfg.valid_split else []
     if selection_limit >= 0:
         select = select[:selection_limit]
     return train, select

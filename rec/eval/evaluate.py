@@ -270,7 +270,7 @@ def run_eval(cfg) -> dict:
         rows = training_rows(cfg.data, selection_limit=cfg.eval.limit)[1]
         path = split_path(cfg.data.dir, cfg.data.train_from)
     else:
-        rows = read_split(cfg.data.dir, cfg.data.split, limit=cfg.eval.limit)
+        rows = read_split(cfg.data.dir, cfg.data.split, limit=cfg.eval.limit, key="data.split")
         path = split_path(cfg.data.dir, cfg.data.split)
     if not rows:
         raise RecError(f"{path}: no rows to evaluate")

@@ -177,6 +177,9 @@ def check_rl_config(cfg) -> None:
     check_best_metric("rl.best_metric", rl.best_metric, "rl.eval_beams", rl.eval_beams)
     if not rl.tasks:
         raise RecError("config: 'rl.tasks' is empty")
+    from rec.train.rewards import REC_REWARD_TERMS, resolve_weights
+
+    resolve_weights(REC_REWARD_TERMS[rl.reward], list(rl.reward_weights), "rl.reward_weights")  # before any write
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import yaml
 
 from rec.errors import RecError
 from tools import render
-from tools.deploy import checks, manifests
+from tools.deploy import checks, manifests, values
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -763,21 +763,290 @@ def test_templates_cannot_splice_raw_text(tmp_path):
         manifests.render_template("raw.yaml.j2", {"name": "ok"}, templates_dir=tmp_path)
 
 
-def test_validate_notes_configs_missing_from_the_checkout(values_dir, tmp_path):
-    _edit(values_dir / "dataset/industrial.yaml", "sft_config", "configs/sft/no-such-config.yaml")
-    render.render_all("dev", "industrial", None, tmp_path / "out", values_dir=values_dir, environ={})
-    notes = render.config_notes(sorted((tmp_path / "out").rglob("*.yaml")))
-    assert any("configs/sft/no-such-config.yaml is named by the manifests but missing" in n for n in notes)
-    assert not any(
-        "configs/eval/industrial-v6e8.yaml" in n
-        for n in notes
-        if (ROOT / "configs/eval/industrial-v6e8.yaml").is_file()
-    )
-
-
 def test_validate_rejects_unparsable_files(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("kind: JobSet\nmetadata: {name: [unclosed\n")
     assert render.main(["validate", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "bad.yaml: not valid YAML" in err
+
+
+def test_validate_rejects_non_utf8_files(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"\xff\xfekind: JobSet\n")
+    assert render.main(["validate", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "UnicodeDecodeError" not in err
+    assert f"{bad}: not UTF-8 text (byte 0)" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# --crd: a file the user names must exist and be the JobSet CRD
+
+
+def _rendered_out(tmp_path) -> pathlib.Path:
+    out = tmp_path / "out"
+    render.render_all("dev", "industrial", None, out, environ={})
+    return out
+
+
+def _one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_validate_named_crd_that_does_not_exist_is_an_error(tmp_path, capsys):
+    out = _rendered_out(tmp_path)
+    missing = tmp_path / "no-such-crd.yaml"
+    assert render.main(["validate", "--out", str(out), "--crd", str(missing)]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert str(missing) in line and "not found" in line
+
+
+def test_run_with_named_crd_that_does_not_exist_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["train", "--dry-run", "--dataset", "industrial", "--out", str(out), "--crd", str(tmp_path / "x.yaml")]
+    assert render.main(argv) == 2
+    assert "x.yaml" in _one_error_line(capsys.readouterr().err)
+    assert not out.exists(), "nothing may be rendered when --crd is unusable"
+
+
+def test_default_crd_location_absent_skips_the_schema_check(tmp_path, capsys, monkeypatch):
+    """Outside the workspace ../shared/k8s/ does not exist: the default CRD is skipped, with a note."""
+    out = _rendered_out(tmp_path)
+    monkeypatch.setattr(checks, "CRD_PATH", tmp_path / "shared/k8s/jobset.x-k8s.io_jobsets.yaml")
+    assert render.main(["validate", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "JobSet CRD schema check skipped" in captured.err
+    assert "JobSet CRD schema skipped" in captured.out
+
+
+def test_named_crd_is_used(tmp_path, capsys, jobset_crd):
+    out = _rendered_out(tmp_path)
+    crd = tmp_path / "crd.yaml"
+    shutil.copy(jobset_crd, crd)
+    assert render.main(["validate", "--out", str(out), "--crd", str(crd)]) == 0
+    assert "JobSet CRD schema strict" in capsys.readouterr().out
+    # ...and it really is the schema the JobSets are checked against
+    path = out / "industrial/train.yaml"
+    docs = manifests.read_rendered(path)
+    docs[0]["spec"]["surprise"] = 1
+    path.write_text(yaml.safe_dump_all(docs))
+    assert render.main(["validate", str(path), "--crd", str(crd)]) == 2
+    assert "[jobset-crd] spec: Additional properties are not allowed ('surprise'" in capsys.readouterr().err
+
+
+NOT_A_CRD = [
+    ("rec-config", (ROOT / "configs/eval/industrial-v6e8.yaml").read_text(), "expected kind: CustomResourceDefinition"),
+    ("empty", "", "expected kind: CustomResourceDefinition"),
+    ("list", "- a\n- b\n", "expected kind: CustomResourceDefinition"),
+    (
+        "other-crd",
+        "kind: CustomResourceDefinition\nmetadata: {name: widgets.example.com}\nspec: {versions: []}\n",
+        "metadata.name is 'widgets.example.com'",
+    ),
+    (
+        "no-spec",
+        "kind: CustomResourceDefinition\nmetadata: {name: jobsets.jobset.x-k8s.io}\n",
+        "spec.versions is missing",
+    ),
+    (
+        "no-v1alpha2",
+        "kind: CustomResourceDefinition\nmetadata: {name: jobsets.jobset.x-k8s.io}\n"
+        "spec: {versions: [{name: v1, schema: {openAPIV3Schema: {type: object}}}]}\n",
+        "no spec.versions[v1alpha2].schema.openAPIV3Schema (versions: v1)",
+    ),
+    ("not-yaml", "kind: [unclosed\n", "not valid YAML"),
+    ("not-utf8", b"\xff\xfekind: CustomResourceDefinition\n", "not UTF-8 text"),
+]
+
+
+@pytest.mark.parametrize("content,fragment", [c[1:] for c in NOT_A_CRD], ids=[c[0] for c in NOT_A_CRD])
+@pytest.mark.parametrize("action", ["validate", "train"])
+def test_named_crd_that_is_not_the_jobset_crd_is_one_line(tmp_path, capsys, content, fragment, action):
+    crd = tmp_path / "crd.yaml"
+    crd.write_bytes(content.encode() if isinstance(content, str) else content)
+    out = _rendered_out(tmp_path) if action == "validate" else tmp_path / "fresh"
+    argv = ["validate", "--out", str(out)] if action == "validate" else ["train", "--dry-run", "--out", str(out)]
+    assert render.main([*argv, "--crd", str(crd)]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"{crd}: " in line and fragment in line, line
+    if action == "train":
+        assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Values files that cannot be read
+
+
+def test_non_utf8_values_file_is_one_line(tmp_path, capsys, monkeypatch, checkout):
+    (checkout / "k8s/values/env/bom.yaml").write_bytes(b"\xff\xfeproject: x\n")
+    monkeypatch.setattr(values, "VALUES_DIR", checkout / "k8s/values")
+    out = tmp_path / "out"
+    assert render.main(["render", "--env", "bom", "--out", str(out)]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "k8s/values/env/bom.yaml: not UTF-8 text (byte 0)" in line
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Run configs named by the dataset values: present, loadable, of the right stage; a handoff tag the
+# pipeline produces
+
+
+@pytest.fixture
+def checkout(tmp_path):
+    """A copy of what the renderer reads from the checkout: k8s/values/ and configs/."""
+    root = tmp_path / "checkout"
+    shutil.copytree(ROOT / "k8s" / "values", root / "k8s" / "values")
+    shutil.copytree(ROOT / "configs", root / "configs")
+    return root
+
+
+def _write_config(root: pathlib.Path, rel: str, based_on: str, section: str, key: str, value) -> str:
+    data = yaml.safe_load((ROOT / based_on).read_text())
+    if value is _DELETE:
+        data[section].pop(key)
+    else:
+        data.setdefault(section, {})[key] = value
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    (root / rel).write_text(yaml.safe_dump(data))
+    return rel
+
+
+SFT = "configs/sft/industrial-v6e16.yaml"
+RL = "configs/rl/industrial-v6e16.yaml"
+EVAL = "configs/eval/industrial-v6e8.yaml"
+
+
+def _render_checkout(root: pathlib.Path, out: pathlib.Path, dataset: str = "industrial"):
+    return render.render_all(
+        "dev", dataset, None, out, values_dir=root / "k8s/values", environ={}, config_root=root
+    )
+
+
+def test_every_committed_dataset_names_loadable_configs_of_the_right_stage():
+    names = values.list_datasets()
+    assert {"industrial", "office"} <= set(names)
+    for name in names:
+        ds = values.load_dataset(name)  # raises on any problem
+        assert ds.handoff_tag in ("rl_last", "rl_best")
+        assert values.eval_config_problem(ds.eval_config, ROOT) == ""
+
+
+def _bad_dataset_cases():
+    # (values key, value or callable(root) -> value, fragment of the message)
+    return [
+        ("sft_config", "configs/sft/nope.yaml", "'sft_config' = 'configs/sft/nope.yaml': no such file"),
+        ("rl_config", "configs/rl/nope.yaml", "'rl_config' = 'configs/rl/nope.yaml': no such file"),
+        ("eval_config", "configs/eval/nope.yaml", "'eval_config' = 'configs/eval/nope.yaml': no such file"),
+        (
+            "sft_config",
+            lambda root: _write_config(root, "configs/sft/typo.yaml", SFT, "train", "batchsize", 1024),
+            "'sft_config' = 'configs/sft/typo.yaml': unknown key 'train.batchsize' (did you mean 'train.batch_size'?)",
+        ),
+        (
+            "rl_config",
+            lambda root: _write_config(root, "configs/rl/bad.yaml", RL, "rl", "generations", "many"),
+            "'rl_config' = 'configs/rl/bad.yaml': 'rl.generations': expected an integer, got 'many'",
+        ),
+        (
+            "eval_config",
+            lambda root: _write_config(root, "configs/eval/bad.yaml", EVAL, "eval", "beams", 0),
+            "'eval_config' = 'configs/eval/bad.yaml': config: 'eval.beams' must be positive",
+        ),
+        ("eval_config", SFT, "'eval_config' = 'configs/sft/industrial-v6e16.yaml': sets train, checkpoint"),
+        ("eval_config", RL, "this is a rl (training) config, not an eval config"),
+        ("handoff_tag", "rl_lst", "'handoff_tag' = 'rl_lst': not a tag the RL run produces"),
+        ("handoff_tag", "sft_best", "'handoff_tag' = 'sft_best': not a tag the RL run produces"),
+    ]
+
+
+BAD_DATASET_IDS = ["sft-missing", "rl-missing", "eval-missing", "sft-typo", "rl-bad-type", "eval-bad-value",
+                   "eval-is-sft", "eval-is-rl", "tag-typo", "tag-sft"]
+
+
+@pytest.mark.parametrize("key,value,fragment", _bad_dataset_cases(), ids=BAD_DATASET_IDS)
+def test_dataset_configs_are_checked_before_rendering(checkout, tmp_path, key, value, fragment):
+    value = value(checkout) if callable(value) else value
+    _edit(checkout / "k8s/values/dataset/industrial.yaml", key, value)
+    with pytest.raises(RecError) as info:
+        _render_checkout(checkout, tmp_path / "out")
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{checkout / 'k8s/values/dataset/industrial.yaml'}: ") and fragment in message, message
+    assert not (tmp_path / "out").exists(), "nothing may be written when a config is rejected"
+
+
+def test_rl_best_handoff_needs_rl_best_metric(checkout, tmp_path):
+    ds = checkout / "k8s/values/dataset/industrial.yaml"
+    _edit(ds, "handoff_tag", "rl_best")
+    _render_checkout(checkout, tmp_path / "ok")  # the committed RL config sets rl.best_metric
+    _edit(ds, "rl_config", _write_config(checkout, "configs/rl/nobest.yaml", RL, "rl", "best_metric", _DELETE))
+    with pytest.raises(RecError, match=r"'handoff_tag' = 'rl_best': the RL run writes rl_best only when "
+                       r"rl.best_metric is set, and configs/rl/nobest.yaml does not set it"):
+        _render_checkout(checkout, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_grpo_config_is_checked(checkout, tmp_path):
+    _edit(checkout / "k8s/values/grpo/gsm8k.yaml", "config", "configs/grpo/nope.yaml")
+    with pytest.raises(RecError, match=r"grpo/gsm8k.yaml: 'config' = 'configs/grpo/nope.yaml': no such file"):
+        _render_checkout(checkout, tmp_path / "out")
+
+
+@pytest.mark.parametrize("action", [["render"], ["train", "--dry-run"], ["pipeline", "--dry-run"]])
+def test_cli_rejects_bad_dataset_configs_with_one_line(checkout, tmp_path, capsys, monkeypatch, action):
+    monkeypatch.setattr(values, "VALUES_DIR", checkout / "k8s/values")
+    monkeypatch.setattr(values, "CONFIG_ROOT", checkout)
+    typo = _write_config(checkout, "configs/sft/typo.yaml", SFT, "train", "batchsize", 1024)
+    _edit(checkout / "k8s/values/dataset/industrial.yaml", "sft_config", typo)
+    out = tmp_path / "out"
+    assert render.main([*action, "--dataset", "industrial", "--out", str(out)]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "k8s/values/dataset/industrial.yaml: 'sft_config' = 'configs/sft/typo.yaml': unknown key" in line
+    assert not out.exists()
+
+
+def _swap_in_rendered(out: pathlib.Path, old: str, new: str, files=("train.yaml", "eval.yaml", "upload.yaml")):
+    for name in files:
+        path = out / "industrial" / name
+        path.write_text(path.read_text().replace(old, new))
+
+
+RENDERED_BAD = [
+    # (text replaced in the rendered files, by, the file, object and message expected)
+    (SFT, "configs/sft/nope.yaml", "industrial/train.yaml: JobSet/sft-industrial-r1: [run-config] config = 'configs/sft/nope.yaml': no such file"),
+    (SFT, "configs/sft/typo.yaml", "JobSet/sft-industrial-r1: [run-config] config = 'configs/sft/typo.yaml': unknown key 'train.batchsize'"),
+    (EVAL, SFT, f"industrial/eval.yaml: JobSet/eval-industrial-r1: [run-config] config = '{SFT}': sets train, checkpoint"),
+    ("rl_last", "rl_lst", "industrial/upload.yaml: Job/upload-industrial-r1: [run-config] handoff tag = 'rl_lst': not a tag"),
+    (SFT, "/etc/passwd", "JobSet/sft-industrial-r1: [run-config] config = '/etc/passwd': expected a relative path"),
+]
+
+
+@pytest.mark.parametrize("old,new,fragment", RENDERED_BAD, ids=["missing", "typo", "eval-stage", "tag", "outside"])
+def test_validate_checks_the_configs_the_manifests_name(checkout, tmp_path, capsys, monkeypatch, old, new, fragment):
+    out = tmp_path / "out"
+    _render_checkout(checkout, out)
+    _write_config(checkout, "configs/sft/typo.yaml", SFT, "train", "batchsize", 1024)
+    monkeypatch.setattr(values, "CONFIG_ROOT", checkout)
+    paths = [out / "industrial" / n for n in ("train.yaml", "upload.yaml", "eval.yaml")]
+    assert render.main(["validate", *map(str, paths)]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    _swap_in_rendered(out, old, new)
+    assert render.main(["validate", *map(str, paths)]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: ")
+    assert "note:" not in err
+
+
+def test_validate_checks_configs_embedded_in_a_lone_workflow(checkout, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    _render_checkout(checkout, out)
+    monkeypatch.setattr(values, "CONFIG_ROOT", checkout)
+    (checkout / RL).unlink()
+    assert render.main(["validate", str(out / "industrial/workflow.yaml")]) == 2
+    assert "[run-config] config = 'configs/rl/industrial-v6e16.yaml': no such file" in capsys.readouterr().err

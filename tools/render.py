@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import re
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -50,23 +49,27 @@ def render_all(
     dataset_arg: str,
     run: str | None,
     out_dir: pathlib.Path,
-    values_dir: pathlib.Path = values.VALUES_DIR,
+    values_dir: pathlib.Path | None = None,
     environ: dict | None = None,
     write: bool = True,
+    config_root: pathlib.Path | None = None,
 ):
     """Render the dataset(s), GRPO, the Argo CD Application and the cluster setup; write them to
-    `out_dir` unless `write` is false (status/wait only need the names).
+    `out_dir` unless `write` is false (status/wait only need the names). Values come from
+    `values_dir` (default k8s/values), the run configs they name from `config_root` (default this
+    checkout); every value and named config is checked before anything is written.
     Returns (env values, written paths, {dataset or "grpo": {step name: Step}})."""
+    values_dir = values.VALUES_DIR if values_dir is None else values_dir
     env = values.load_env(env_name, values_dir)
     run_name = values.check_run(run, "--run / RUN") if run else env.run
     files: list[manifests.RenderedFile] = []
     steps: dict[str, dict[str, manifests.Step]] = {}
     for name in _datasets(dataset_arg, values_dir):
-        ds = values.load_dataset(name, values_dir)
+        ds = values.load_dataset(name, values_dir, config_root)
         ds_files, ds_steps = manifests.plan_dataset(env, ds, run_name)
         files += ds_files
         steps[name] = {s.name: s for s in ds_steps}
-    grpo = values.load_grpo("gsm8k", values_dir)
+    grpo = values.load_grpo("gsm8k", values_dir, config_root)
     grpo_files, grpo_steps = manifests.plan_grpo(env, grpo, run_name, environ)
     files += grpo_files
     steps["grpo"] = {s.name: s for s in grpo_steps}
@@ -76,9 +79,15 @@ def render_all(
     return env, paths, steps
 
 
-def validate_files(paths: list[pathlib.Path], crd_path: pathlib.Path | None = checks.CRD_PATH) -> list[str]:
-    """Problems of every file, as `file: Kind/name: [rule] message` lines."""
+def validate_files(
+    paths: list[pathlib.Path],
+    crd_path: pathlib.Path | None = checks.CRD_PATH,
+    config_root: pathlib.Path | None = None,
+) -> list[str]:
+    """Problems of every file, as `file: Kind/name: [rule] message` lines (run configs the manifests
+    name are looked up under `config_root`, default this checkout)."""
     problems = []
+    objects: list[tuple[pathlib.Path, dict]] = []
     by_dir: dict[pathlib.Path, dict[str, dict]] = {}
     workflows = []
     for path in paths:
@@ -94,34 +103,85 @@ def validate_files(paths: list[pathlib.Path], crd_path: pathlib.Path | None = ch
                 workflows.append((path, doc))
             elif isinstance(doc, dict):
                 by_dir.setdefault(path.parent, {})[label] = doc
+                objects.append((path, doc))
     # The Workflow must create exactly what the standalone files say (one source of truth).
     for path, wf in workflows:
         _, embedded = checks.check_workflow(wf, None)
         siblings = by_dir.get(path.parent, {})
         for manifest in embedded:
             label = checks.object_label(manifest)
-            if label in siblings and siblings[label] != manifest:
+            if label not in siblings:  # validated without its standalone file: check its configs here
+                objects.append((path, manifest))
+            elif siblings[label] != manifest:
                 problems.append(
                     f"{_rel(path)}: {checks.object_label(wf)}: [workflow] embedded {label} differs from "
                     f"the one in {path.parent.name}/ (render both from the same values)"
                 )
+    problems += config_problems(objects, values.CONFIG_ROOT if config_root is None else config_root)
     return problems
 
 
-def config_notes(paths: list[pathlib.Path]) -> list[str]:
-    """Run configs the manifests name but this checkout lacks (the image would lack them too)."""
-    import yaml  # noqa: PLC0415
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else []
 
-    named: set[str] = set()
-    for path in paths:
-        for doc in manifests.read_rendered(path):
-            text = yaml.safe_dump(doc)
-            named.update(re.findall(r"(configs/[A-Za-z0-9._/-]+\.yaml)", text))
-    return [
-        f"note: {name} is named by the manifests but missing from this checkout (and so from the image)"
-        for name in sorted(named)
-        if not (ROOT / name).is_file()
-    ]
+
+def _run_refs(doc: dict) -> tuple[str, list[str], str]:
+    """(component, run configs, handoff tag) a JobSet or Job names: `rec <stage> --config X`
+    arguments, the eval pod's REC_CONFIG, and `rec handoff publish --tag T` / REC_TAG."""
+    component = str(((doc.get("metadata") or {}).get("labels") or {}).get("app.kubernetes.io/component", ""))
+    configs, tag = [], ""
+    for container in checks.containers(doc):
+        args = [str(a) for key in ("command", "args") for a in _as_list(container.get(key))]
+        for flag, arg in zip(args, args[1:], strict=False):
+            if flag == "--config":
+                configs.append(arg)
+            elif flag == "--tag" and args[:3] == ["rec", "handoff", "publish"]:
+                tag = arg
+        for var in _as_list(container.get("env")):
+            if not isinstance(var, dict):
+                continue
+            if var.get("name") == "REC_CONFIG" and "value" in var:
+                configs.append(str(var["value"]))
+            elif var.get("name") == "REC_TAG" and "value" in var:
+                tag = str(var["value"])
+    return component, configs, tag
+
+
+def config_problems(objects: list[tuple[pathlib.Path, dict]], root: pathlib.Path) -> list[str]:
+    """Run configs the manifests name: each must be in the checkout (the image is built from it) and
+    load with rec.config.load_config; the eval pod's must be an eval config; the handoff tag must
+    be one the RL run of the same dataset produces."""
+    problems = []
+    rl_config: dict[pathlib.Path, tuple[str, object]] = {}
+    tags = []
+    for path, doc in objects:
+        component, configs, tag = _run_refs(doc)
+        where = f"{_rel(path)}: {checks.object_label(doc)}: [run-config]"
+        for name in configs:
+            try:
+                cfg = values.load_run_config(name, f"{where} config", root)
+            except RecError as exc:
+                problems.append(str(exc))
+                continue
+            if component == "eval":
+                problem = values.eval_config_problem(name, root)
+                if problem:
+                    problems.append(f"{where} config = {name!r}: {problem}")
+            elif component == "rl":
+                rl_config[path.parent] = (name, cfg)
+        if tag:
+            tags.append((path, where, tag))
+    for path, where, tag in tags:
+        if path.parent in rl_config:
+            name, cfg = rl_config[path.parent]
+            problem = values.handoff_tag_problem(tag, cfg, name)
+        elif tag not in (values.RL_TAG_LAST, values.RL_TAG_BEST):
+            problem = f"not a tag the RL run produces ({values.RL_TAG_LAST} or {values.RL_TAG_BEST})"
+        else:
+            problem = ""
+        if problem:
+            problems.append(f"{where} handoff tag = {tag!r}: {problem}")
+    return problems
 
 
 def _rel(path: pathlib.Path) -> str:
@@ -137,9 +197,6 @@ def _rendered_paths(out_dir: pathlib.Path) -> list[pathlib.Path]:
 
 def _check_or_raise(paths: list[pathlib.Path], crd_path: pathlib.Path | None) -> None:
     problems = validate_files(paths, crd_path)
-    if not problems:
-        for note in config_notes(paths):
-            print(note, file=sys.stderr)
     for line in problems:
         print(line, file=sys.stderr)
     if problems:
@@ -147,13 +204,20 @@ def _check_or_raise(paths: list[pathlib.Path], crd_path: pathlib.Path | None) ->
 
 
 def _crd(args) -> pathlib.Path | None:
-    path = pathlib.Path(args.crd) if args.crd else checks.CRD_PATH
-    if not path.is_file():
+    """The JobSet CRD to check against, loaded up front. A --crd the user names must exist and be
+    the JobSet CRD; only the default location (../shared/k8s/, absent outside the workspace) may be
+    missing, in which case the schema check is skipped with a note."""
+    if not args.crd and not checks.CRD_PATH.is_file():
         print(
-            f"note: {path} not found: JobSet CRD schema check skipped (batch/v1 and GKE rules still run)",
+            f"note: {checks.CRD_PATH} not found: JobSet CRD schema check skipped "
+            "(batch/v1 and GKE rules still run)",
             file=sys.stderr,
         )
         return None
+    path = pathlib.Path(args.crd) if args.crd else checks.CRD_PATH
+    if args.crd and not path.is_file():
+        raise RecError(f"--crd {args.crd}: file not found")
+    checks.crd_validator(str(path))  # a file that is not the JobSet CRD: one line, before any work
     return path
 
 
@@ -202,10 +266,11 @@ def cmd_run(args) -> None:
     dataset = args.dataset
     if args.action != "grpo" and dataset == "all":
         raise RecError(f"{args.action}: pick one dataset (DATASET=industrial or office), not 'all'")
+    crd = _crd(args)
     env, paths, steps = render_all(
         args.env, dataset if args.action != "grpo" else args.dataset, args.run, pathlib.Path(args.out)
     )
-    _check_or_raise(paths, _crd(args))
+    _check_or_raise(paths, crd)
     selected = _select_steps(args.action, steps, dataset)
     client = None if args.dry_run else _client(args, env)
 
@@ -226,8 +291,9 @@ def cmd_run(args) -> None:
 
 
 def cmd_submit(args) -> None:
+    crd = _crd(args)
     env, paths, steps = render_all(args.env, args.dataset, args.run, pathlib.Path(args.out))
-    _check_or_raise(paths, _crd(args))
+    _check_or_raise(paths, crd)
     step = _one_step(args, steps)
     if args.dry_run:
         print(f"would create {step.kind} {step.namespace}/{step.object_name} from k8s/rendered/{step.file}")

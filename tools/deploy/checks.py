@@ -18,7 +18,8 @@ import pathlib
 import re
 from collections.abc import Callable
 
-from tools.deploy.values import ROOT, check_image
+from rec.errors import RecError
+from tools.deploy.values import ROOT, check_image, read_text
 
 CRD_PATH = ROOT.parent / "shared" / "k8s" / "jobset.x-k8s.io_jobsets.yaml"
 K8S_VERSION = "1.33"  # GKE minor the Job schema is checked against
@@ -59,17 +60,53 @@ def _make_strict(schema):
     return schema
 
 
+def _get(obj, *keys):
+    """obj[k1][k2]... or None where a level is missing or not a mapping."""
+    for key in keys:
+        if not isinstance(obj, dict):
+            return None
+        obj = obj.get(key)
+    return obj
+
+
+JOBSET_CRD_NAME = "jobsets.jobset.x-k8s.io"
+JOBSET_VERSION = "v1alpha2"
+
+
 @functools.lru_cache(maxsize=4)
 def crd_validator(crd_path: str):
+    """Strict validator of the JobSet CRD at `crd_path`; a file that is missing, unreadable, not
+    YAML or not the JobSet CRD (with a v1alpha2 openAPIV3Schema) is a one-line RecError."""
     import jsonschema  # noqa: PLC0415 (deployment-only dependency)
     import yaml  # noqa: PLC0415
 
+    path = pathlib.Path(crd_path)
+    if not path.is_file():
+        raise RecError(f"{crd_path}: JobSet CRD file not found")
+    text = read_text(path, crd_path)
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    with open(crd_path, encoding="utf-8") as f:
-        crd = yaml.load(f, Loader=loader)  # noqa: S506 (a safe loader)
-    versions = {v["name"]: v for v in crd["spec"]["versions"]}
-    schema = _make_strict(versions["v1alpha2"]["schema"]["openAPIV3Schema"])
-    return jsonschema.Draft7Validator(schema)
+    try:
+        crd = yaml.load(text, Loader=loader)  # noqa: S506 (a safe loader)
+    except yaml.YAMLError as exc:
+        raise RecError(f"{crd_path}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+    what = f"{crd_path}: not the JobSet CRD"
+    if not isinstance(crd, dict) or crd.get("kind") != "CustomResourceDefinition":
+        found = crd.get("kind") if isinstance(crd, dict) else type(crd).__name__
+        raise RecError(f"{what} (expected kind: CustomResourceDefinition, found {found!r})")
+    name = _get(crd, "metadata", "name")
+    if name != JOBSET_CRD_NAME:
+        raise RecError(f"{what} (metadata.name is {name!r}, expected {JOBSET_CRD_NAME!r})")
+    versions = _get(crd, "spec", "versions")
+    if not isinstance(versions, list):
+        raise RecError(f"{what}: spec.versions is missing")
+    by_name = {v.get("name"): v for v in versions if isinstance(v, dict)}
+    schema = _get(by_name, JOBSET_VERSION, "schema", "openAPIV3Schema")
+    if not isinstance(schema, dict):
+        raise RecError(
+            f"{what}: no spec.versions[{JOBSET_VERSION}].schema.openAPIV3Schema "
+            f"(versions: {', '.join(map(str, by_name)) or 'none'})"
+        )
+    return jsonschema.Draft7Validator(_make_strict(schema))
 
 
 def _path(error) -> str:
@@ -156,6 +193,11 @@ def _pod_templates(doc: dict) -> list[tuple[dict, dict, dict]]:
 
 def _containers(pod: dict) -> list[dict]:
     return ((pod.get("spec") or {}).get("containers")) or []
+
+
+def containers(doc: dict) -> list[dict]:
+    """Every container of a JobSet's or Job's pod templates."""
+    return [c for _, _, pod in _pod_templates(doc) for c in _containers(pod) if isinstance(c, dict)]
 
 
 def _tpu_chips(container: dict) -> tuple[int | None, int | None]:

@@ -26,7 +26,7 @@ import pathlib
 from typing import Any
 
 from rec.errors import RecError
-from tools.deploy.values import ROOT, DatasetValues, EnvValues, GrpoValues, rollout_flag
+from tools.deploy.values import ROOT, DatasetValues, EnvValues, GrpoValues, read_text, rollout_flag
 
 TEMPLATES_DIR = ROOT / "k8s" / "templates"
 RENDERED_DIR = ROOT / "k8s" / "rendered"
@@ -456,7 +456,8 @@ def read_rendered(path: pathlib.Path) -> list[dict]:
 
     if not path.is_file():
         raise RecError(f"{path}: not rendered yet (run `make render`)")
+    text = read_text(path, str(path))
     try:
-        return [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d is not None]
+        return [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as exc:
         raise RecError(f"{path}: not valid YAML ({exc})") from None

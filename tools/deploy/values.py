@@ -327,14 +327,28 @@ def _choice(value: Any, where: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def read_text(path: pathlib.Path, where: str | None = None) -> str:
+    """A file as UTF-8 text; an unreadable or non-UTF-8 file is a one-line RecError naming it."""
+    where = where or _rel(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise RecError(f"{where}: cannot read ({exc.strerror or exc})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecError(f"{where}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+
+
 def _read_mapping(path: pathlib.Path) -> dict:
     import yaml  # noqa: PLC0415 (deployment-only dependency)
 
     where = _rel(path)
     if not path.is_file():
         raise RecError(f"{where}: values file not found")
+    text = read_text(path, where)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
@@ -367,18 +381,109 @@ def load_env(name: str, values_dir: pathlib.Path = VALUES_DIR) -> EnvValues:
     return EnvValues(**checked, name=name)
 
 
-def load_dataset(name: str, values_dir: pathlib.Path = VALUES_DIR) -> DatasetValues:
+def load_dataset(
+    name: str, values_dir: pathlib.Path = VALUES_DIR, config_root: pathlib.Path | None = None
+) -> DatasetValues:
+    """The dataset's values, with its run configs loaded from `config_root` (default: this checkout)."""
     path = _values_file("dataset", name, "--dataset", values_dir)
     checked = validate_mapping(_read_mapping(path), _DATASET_RULES, _rel(path))
     if checked["name"] != name:
         raise RecError(f"{_rel(path)}: 'name' = {checked['name']!r} must equal the file name {name!r}")
-    return DatasetValues(**checked)
+    ds = DatasetValues(**checked)
+    check_dataset_configs(ds, _rel(path), CONFIG_ROOT if config_root is None else config_root)
+    return ds
 
 
-def load_grpo(name: str = "gsm8k", values_dir: pathlib.Path = VALUES_DIR) -> GrpoValues:
+def load_grpo(
+    name: str = "gsm8k", values_dir: pathlib.Path = VALUES_DIR, config_root: pathlib.Path | None = None
+) -> GrpoValues:
     path = _values_file("grpo", name, "grpo values", values_dir)
     checked = validate_mapping(_read_mapping(path), _GRPO_RULES, _rel(path))
-    return GrpoValues(**checked)
+    grpo = GrpoValues(**checked)
+    root = CONFIG_ROOT if config_root is None else config_root
+    load_run_config(grpo.config, f"{_rel(path)}: 'config'", root)
+    return grpo
+
+
+# ---------------------------------------------------------------------------------------------
+# Run configs named by the values (configs/<stage>/<name>.yaml, relative to the checkout, which is
+# the image's working directory): each must exist and load with rec.config.load_config.
+
+CONFIG_ROOT = ROOT
+# The upload step publishes from the RL run directory (`rec handoff publish --run <rl run dir>`), which
+# holds rl_last always and rl_best only when the RL config sets rl.best_metric (rec/train/rl.py).
+RL_TAG_LAST = "rl_last"
+RL_TAG_BEST = "rl_best"
+# Sections `rec eval` never reads: a config that sets one of them is a training (sft/rl/grpo) config.
+TRAINING_SECTIONS = ("train", "checkpoint", "rl", "grpo")
+
+
+def load_run_config(rel: str, where: str, root: pathlib.Path):
+    """rec.config.load_config of `root/rel`; every problem is one RecError line starting with `where`."""
+    from rec.config import load_config  # noqa: PLC0415
+
+    check_config_path(rel, where)  # configs/<stage>/<name>.yaml inside the checkout, nothing else
+    path = root / rel
+    if not path.is_file():
+        raise RecError(
+            f"{where} = {rel!r}: no such file in this checkout (the image is built from it, so the "
+            f"pod would not find it either)"
+        )
+    try:
+        return load_config(str(path))
+    except RecError as exc:
+        message = str(exc).removeprefix(f"{path}: ").replace(str(path), rel)
+        raise RecError(f"{where} = {rel!r}: {message}") from None
+
+
+def config_sections(rel: str, root: pathlib.Path) -> list[str]:
+    """Top-level sections a (loadable) run config sets."""
+    import yaml  # noqa: PLC0415
+
+    data = yaml.safe_load(read_text(root / rel)) or {}
+    return [str(k) for k in data] if isinstance(data, dict) else []
+
+
+def eval_config_problem(rel: str, root: pathlib.Path) -> str:
+    """'' if `rel` reads as an eval config, else what is wrong (it sets sections `rec eval` ignores)."""
+    training = [s for s in TRAINING_SECTIONS if s in config_sections(rel, root)]
+    if not training:
+        return ""
+    stage = "rl" if "rl" in training else "grpo" if "grpo" in training else "sft"
+    return (
+        f"sets {', '.join(training)}, which `rec eval` never reads: this is a {stage} (training) "
+        f"config, not an eval config (e.g. configs/eval/<name>.yaml)"
+    )
+
+
+def handoff_tags(rl_cfg) -> list[str]:
+    """Checkpoint tags the RL run directory will hold for this RL config."""
+    return [RL_TAG_LAST] + ([RL_TAG_BEST] if rl_cfg.rl.best_metric else [])
+
+
+def handoff_tag_problem(tag: str, rl_cfg, rl_config: str) -> str:
+    tags = handoff_tags(rl_cfg)
+    if tag in tags:
+        return ""
+    if tag == RL_TAG_BEST:
+        return f"the RL run writes rl_best only when rl.best_metric is set, and {rl_config} does not set it (use rl_last)"
+    return (
+        f"not a tag the RL run produces (the upload step publishes from the RL run directory, which "
+        f"holds {' and '.join(tags)})"
+    )
+
+
+def check_dataset_configs(ds: DatasetValues, source: str, root: pathlib.Path) -> None:
+    """Load every run config the dataset names; check the eval config's stage and the handoff tag."""
+    load_run_config(ds.sft_config, f"{source}: 'sft_config'", root)
+    rl_cfg = load_run_config(ds.rl_config, f"{source}: 'rl_config'", root)
+    load_run_config(ds.eval_config, f"{source}: 'eval_config'", root)
+    problem = eval_config_problem(ds.eval_config, root)
+    if problem:
+        raise RecError(f"{source}: 'eval_config' = {ds.eval_config!r}: {problem}")
+    problem = handoff_tag_problem(ds.handoff_tag, rl_cfg, ds.rl_config)
+    if problem:
+        raise RecError(f"{source}: 'handoff_tag' = {ds.handoff_tag!r}: {problem}")
 
 
 def list_datasets(values_dir: pathlib.Path = VALUES_DIR) -> list[str]:

@@ -96,12 +96,15 @@ def _check_outputs(run_dir, data_dir, split, beams, limit=-1):
     assert summary["eval/num_samples"] == len(rows)
     assert summary["eval/beams"] == beams
     assert summary["eval/samples_per_s"] > 0
+    assert summary["eval/split"] == split
     return records, summary
 
 
-def test_run_eval_synthetic_random_model_on_gcs(synth_dataset_dir, synth_tokenizer_dir, gcs_bucket):
-    """Dataset and run directory on gs:// (a real GCS API server on loopback)."""
+def test_run_eval_synthetic_random_model_on_gcs(synth_dataset_dir, synth_tokenizer_dir, gcs_bucket, monkeypatch):
+    """Dataset and run directory on gs:// (a real GCS API server on loopback). A key another
+    process adds to run_summary.json while eval decodes is kept."""
     from rec import storage
+    from rec.eval import evaluate
     from rec.eval.metrics import metrics_main
 
     data_dir, run_dir = f"gs://{gcs_bucket}/data", f"gs://{gcs_bucket}/runs/eval"
@@ -113,9 +116,19 @@ def test_run_eval_synthetic_random_model_on_gcs(synth_dataset_dir, synth_tokeniz
         [f"data.dir={data_dir}", f"model.tokenizer={synth_tokenizer_dir}", f"run.dir={run_dir}",
          "eval.beams=5", "eval.batch_size=4", "run.progress=false"],
     )
+    real_decode = evaluate.decode_rows
+
+    def decode_while_training_writes(*args, **kwargs):
+        summary = json.loads(storage.read_text(f"{run_dir}/run_summary.json"))
+        storage.write_text(f"{run_dir}/run_summary.json", json.dumps({**summary, "train/steps": 7}))
+        return real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "decode_rows", decode_while_training_writes)
     figures = run_eval(cfg)
     _, summary = _check_outputs(run_dir, data_dir, "test", beams=5)
     assert summary["train/loss"] == 1.25 and "eval/hr@50" not in summary  # merged, stale eval keys dropped
+    assert summary["train/steps"] == 7
+    assert summary["eval/model"] == "random:tiny"
     assert figures == {k: v for k, v in summary.items() if k.startswith("eval/")}
     # `rec metrics` on the same gs:// files agrees with what eval reported
     recomputed = metrics_main(f"{run_dir}/eval_predictions.json", data_dir, as_json=True)

@@ -251,7 +251,7 @@ def run_eval(cfg) -> dict:
 
     from rec.data.dataset import load_catalogue, read_split, split_path
     from rec.dist import batch_divisor, init_distributed, is_primary, make_mesh
-    from rec.train.common import eos_and_pad_ids, load_model_and_tokenizer
+    from rec.train.common import eos_and_pad_ids, load_model_and_tokenizer, model_source
 
     if not cfg.data.dir:
         raise RecError("config: 'data.dir' is empty; set it to a MiniOneRec dataset directory")
@@ -282,7 +282,8 @@ def run_eval(cfg) -> dict:
     beams = cfg.eval.beams
     if beams > len(known):
         raise RecError(f"config: 'eval.beams' ({beams}) is more than the {len(known)} distinct SIDs of the catalogue")
-    existing_summary = _read_summary(storage.join(cfg.run.dir, SUMMARY_FILE))  # fail before decoding, not after
+    _read_summary(storage.join(cfg.run.dir, SUMMARY_FILE))  # a damaged summary fails now, not after decoding
+    source = model_source(cfg, "eval")
 
     mesh = make_mesh(cfg.mesh.shape)
     if cfg.eval.batch_size % batch_divisor(mesh):
@@ -315,11 +316,15 @@ def run_eval(cfg) -> dict:
     ]
     metrics = compute_metrics(records, known, topk=cfg.eval.topk)
     figures = summary_figures(metrics, samples_per_s)
+    # which rows and which weights the figures are for: run.dir may hold an earlier eval of another
+    figures.update({"eval/split": cfg.data.split, "eval/model": str(source)})
     if is_primary():
         run_dir = cfg.run.dir
         summary_path = storage.join(run_dir, SUMMARY_FILE)
         storage.write_text(storage.join(run_dir, PREDICTIONS_FILE), json.dumps(records, indent=1, ensure_ascii=False) + "\n")
-        storage.write_text(summary_path, json.dumps(merge_summary(existing_summary, figures), indent=2, sort_keys=True) + "\n")
+        # read again: training may have added figures while this eval decoded
+        merged = merge_summary(_read_summary(summary_path), figures)
+        storage.write_text(summary_path, json.dumps(merged, indent=2, sort_keys=True) + "\n")
         _print_figures(figures, run_dir)
     return figures
 

@@ -17,6 +17,7 @@ its vocab_size already exceeds the tokenizer). A run directory's tokenizer alrea
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -71,6 +72,39 @@ def _random_params(shape, cfg: Config, mesh):
     return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(cfg.run.seed))
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """Where a stage's weights come from: an HF directory, a run's checkpoint (tag and step), or a
+    random init of model.shape."""
+
+    kind: str  # "hf" | "run" | "random"
+    path: str = ""
+    tag: str = ""
+    step: int | None = None
+
+    def __str__(self) -> str:
+        if self.kind == "run":
+            return f"run:{self.path}#{self.tag}@{self.step}"
+        return f"{self.kind}:{self.path}"
+
+
+def model_source(cfg: Config, stage: str) -> ModelSource:
+    """Resolve model.path / model.checkpoint for `stage`; a one-line RecError when it names nothing usable."""
+    path = cfg.model.path
+    if path and storage.exists(storage.join(path, "config.json")):
+        return ModelSource("hf", path)
+    if path and is_run_dir(path):
+        tag = resolve_checkpoint_tag(path, cfg.model.checkpoint, stage)
+        return ModelSource("run", path, tag, checkpoint.latest_step(path, tag))
+    if path:
+        raise RecError(
+            f"model.path: {path} is neither a Hugging Face model directory (config.json) nor a run directory"
+        )
+    if not cfg.model.tokenizer:
+        raise RecError("model.tokenizer: a tokenizer directory is needed when model.path is empty (random init)")
+    return ModelSource("random", cfg.model.shape)
+
+
 def load_model_and_tokenizer(cfg: Config, catalogue=None, stage: str = "sft", mesh=None):
     """(shape, params placed on the mesh, tokenizer with the catalogue's SID tokens)."""
     from rec.model.qwen2 import PARTITION_RULES, get_shape, shape_with_vocab
@@ -78,38 +112,25 @@ def load_model_and_tokenizer(cfg: Config, catalogue=None, stage: str = "sft", me
     from rec.tokenizer import add_sid_tokens, load_tokenizer, sid_tokens
 
     mesh = mesh if mesh is not None else dist.make_mesh(cfg.mesh.shape)
-    path = cfg.model.path
-    if path and storage.exists(storage.join(path, "config.json")):
+    source = model_source(cfg, stage)
+    if source.kind == "hf":
         from rec.model.hf_io import load_hf
 
-        tokenizer = load_tokenizer(cfg.model.tokenizer or path)
+        tokenizer = load_tokenizer(cfg.model.tokenizer or source.path)
         shape, params = load_hf(
-            path,
+            source.path,
             param_dtype=cfg.model.param_dtype,
             vocab_multiple=cfg.model.vocab_multiple,
             progress=cfg.run.progress and dist.is_primary(),
         )
-        source = f"hf:{path}"
-    elif path and is_run_dir(path):
-        tag = resolve_checkpoint_tag(path, cfg.model.checkpoint, stage)
-        tokenizer_dir = cfg.model.tokenizer or storage.join(path, "tokenizer")
-        tokenizer = load_tokenizer(tokenizer_dir)
+    elif source.kind == "run":
+        tokenizer = load_tokenizer(cfg.model.tokenizer or storage.join(source.path, "tokenizer"))
         shape, params = checkpoint.load_params(
-            path, tag, mesh=mesh, rules=PARTITION_RULES, dtype=cfg.model.param_dtype
-        )
-        source = f"run:{path}#{tag}"
-    elif path:
-        raise RecError(
-            f"model.path: {path} is neither a Hugging Face model directory (config.json) nor a run directory"
+            source.path, source.tag, mesh=mesh, rules=PARTITION_RULES, step=source.step, dtype=cfg.model.param_dtype
         )
     else:
-        if not cfg.model.tokenizer:
-            raise RecError(
-                "model.tokenizer: a tokenizer directory is needed when model.path is empty (random init)"
-            )
         tokenizer = load_tokenizer(cfg.model.tokenizer)
         shape, params = None, None
-        source = f"random:{cfg.model.shape}"
 
     added = add_sid_tokens(tokenizer, sid_tokens(catalogue)) if catalogue is not None else 0
     if params is None:

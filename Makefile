@@ -80,7 +80,7 @@ status: $(VENV)/.ok ## state of DATASET's JobSets/Job and GRPO's JobSet
 logs: $(VENV)/.ok ## last log lines of each pod of STEP (default: DATASET's latest submitted step)
 	$(PY) tools/render.py logs $(DEPLOY_ARGS) --dataset $(DATASET) $(if $(STEP),--step $(STEP)) $(if $(TAIL),--tail $(TAIL))
 
-image: ## build the container image with docker or buildah (IMAGE=..., PUSH=1)
+image: $(if $(IMAGE),,$(VENV)/.ok) ## build the container image with docker or buildah (IMAGE=..., PUSH=1; without IMAGE the tag comes from the env values)
 	K8S_ENV=$(K8S_ENV) bash image/build.sh
 
 clean: ## remove runs/ (rendered manifests are committed: re-create them with make render)

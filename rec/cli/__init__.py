@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="Write a checkpoint as a Hugging Face model directory")
     p.add_argument("--model", required=True, help="run directory or HF directory")
-    p.add_argument("--checkpoint", default="", help="tag inside a run directory (default: newest of rl_last, sft_best)")
+    p.add_argument("--checkpoint", default="", help="tag inside a run directory (default: the first present of rl_last, rl_best, sft_best, sft_last)")
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.set_defaults(fn=cmd_export)

@@ -149,7 +149,7 @@ def test_eval_prompt(industrial):
 
 def test_rl_prompts_are_body_only(industrial):
     cat, row, _ = industrial
-    got = rl_prompts(cat, [row], ["sid_next", "title2sid", "seq_title2sid"], seed=0, seq_title_sample=10)
+    got = rl_prompts(cat, [row], ["sid_next", "title2sid", "seq_title2sid"], sample_seed=0, seq_title_sample=10)
     (sid_next,) = by_task(got, "sid_next")
     assert sid_next.text == (
         "### User Input: \nThe user has interacted with items " + HIST_SIDS + " in chronological order. "

@@ -29,7 +29,7 @@ def test_seq_title_sample_matches_pandas_sample():
 def test_task_sizes_and_order(synth_dataset_dir):
     cat = load_catalogue(synth_dataset_dir)
     rows = read_split(synth_dataset_dir, "train")
-    got = rl_prompts(cat, rows, ["sid_next", "title2sid", "seq_title2sid"], seed=0, seq_title_sample=20)
+    got = rl_prompts(cat, rows, ["sid_next", "title2sid", "seq_title2sid"], sample_seed=0, seq_title_sample=20)
     tasks = [p.task for p in got]
     n_desc = sum(1 for d in cat.descriptions if d)
     assert tasks == ["sid_next"] * len(rows) + ["title2sid"] * len(cat) + ["description2sid"] * n_desc + ["seq_title2sid"] * 20

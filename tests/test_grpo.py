@@ -57,6 +57,8 @@ def test_fast_paths_resolve_independently(clean_env):
         (["grpo.updates_per_batch=0"], "grpo.updates_per_batch"),
         (["grpo.temperature=-1"], "grpo.temperature"),
         (["train.dropout=0.1"], "train.dropout"),
+        (["train.steps=3", "grpo.updates_per_batch=2"],
+         r"'train.steps' \(3\) must be a multiple of 'grpo.updates_per_batch' \(2\)"),
     ],
 )
 def test_bad_grpo_config_is_one_line_error(overrides, message):

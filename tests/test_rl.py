@@ -81,10 +81,12 @@ def test_mix_reference_and_unsplit():
         ("data.dir=", "data.dir"),
         ("train.dropout=0.1", "train.dropout"),
         ("rl.reward_weights=[1,2,3,4,5]", r"'rl.reward_weights' has 5 value\(s\) but the reward has 2 term\(s\)"),
+        ("train.steps=5 rl.updates_per_batch=2",
+         r"'train.steps' \(5\) must be a multiple of 'rl.updates_per_batch' \(2\)"),
     ],
 )
 def test_bad_rl_config_is_one_line_error(override, message, tmp_path):
-    cfg = load_config(TINY_RL, ["data.dir=/nonexistent", f"run.dir={tmp_path}/run", override])
+    cfg = load_config(TINY_RL, ["data.dir=/nonexistent", f"run.dir={tmp_path}/run", *override.split()])
     with pytest.raises(RecError, match=message):
         RL.run_rl(cfg)
     assert not (tmp_path / "run").exists()  # found before anything is written
@@ -232,3 +234,18 @@ def test_rl_resume_ends_in_the_same_state(tmp_path, synth_tokenizer_dir, monkeyp
     assert [r["step"] for r in first] == [2, 4]  # one record per rollout batch (2 updates each)
     assert records[-1]["reward"] == pytest.approx(first[-1]["reward"])
     assert first[-1]["clip_fraction"] >= 0.0 and first[-1]["grad_norm"] > 0
+
+
+def test_prompt_set_is_upstreams_whatever_the_run_seed(tmp_path, synth_dataset_dir, synth_tokenizer_dir):
+    """seq_title2sid keeps a sample of the rows; upstream draws it with seed 0 however its run is
+    seeded, so run.seed (which orders the epochs) must not change which prompts exist."""
+    from rec.dist import make_mesh
+
+    def prompts(seed):
+        overrides = _tiny_overrides(synth_dataset_dir, synth_tokenizer_dir, tmp_path / f"r{seed}", 2)
+        overrides += ["rl.tasks=[seq_title2sid]", "rl.seq_title_sample=5", f"run.seed={seed}"]
+        setup, _ = RL._prepare(load_config(TINY_RL, overrides), make_mesh("auto"))
+        return setup.prompt_ids
+
+    first = prompts(1)
+    assert len(first) == 5 and prompts(2) == first

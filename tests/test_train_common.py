@@ -89,3 +89,15 @@ def test_bad_model_sources(tmp_path):
     os.makedirs(tmp_path / "empty")
     with pytest.raises(RecError):
         load_model_and_tokenizer(_cfg(f"model.path={tmp_path / 'empty'}"), None, "sft")
+
+
+def test_crossed_multiple_matches_brute_force():
+    """A rollout trainer advances `updates` steps at a time; a multiple of `every` inside those
+    steps must still count (step % every == 0 alone misses it)."""
+    from rec.train.common import crossed_multiple
+
+    for every in range(0, 7):
+        for updates in range(1, 5):
+            for step in range(updates, 40):
+                expected = every > 0 and any(s % every == 0 for s in range(step - updates + 1, step + 1))
+                assert crossed_multiple(step, updates, every) == expected, (step, updates, every)

@@ -53,8 +53,11 @@ def pandas_sample_order(n_rows: int, n_sample: int, seed: int) -> np.ndarray:
     return np.random.RandomState(seed).permutation(n_rows)[:n_sample]
 
 
-def rl_prompts(catalogue: Catalogue, rows: Sequence[Row], tasks: Sequence[str], seed: int = 0,
+def rl_prompts(catalogue: Catalogue, rows: Sequence[Row], tasks: Sequence[str], sample_seed: int = 0,
                seq_title_sample: int = 10000) -> list[RLPrompt]:
+    """The RL prompts of `tasks`, in task order. seq_title2sid keeps `seq_title_sample` rows drawn as
+    upstream draws them (pandas' sample with random_state=`sample_seed`; upstream leaves it at its
+    default 0, independent of the run's seed)."""
     unknown = [t for t in tasks if t not in P.RL_TASKS]
     if unknown:
         raise RecError(f"rl.tasks: unknown task '{unknown[0]}' (known: {', '.join(P.RL_TASKS)})")
@@ -88,7 +91,7 @@ def rl_prompts(catalogue: Catalogue, rows: Sequence[Row], tasks: Sequence[str], 
                 add(P.rl_description_to_sid(description, sid))
         elif task == "seq_title2sid":
             if 0 < seq_title_sample < len(rows):
-                chosen = [rows[i] for i in pandas_sample_order(len(rows), seq_title_sample, seed)]
+                chosen = [rows[i] for i in pandas_sample_order(len(rows), seq_title_sample, sample_seed)]
             else:
                 chosen = list(rows)
             for r in chosen:

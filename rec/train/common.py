@@ -228,15 +228,33 @@ def rollout_checkpoint_tree(state, ref_params) -> dict:
     return tree
 
 
-def save_rollout_last(cfg: Config, tag: str, writer, logger, guard, step: int, total_steps: int, save_every: int,
-                      state, ref_params, meta: dict) -> None:
-    """Save the resumable `tag` checkpoint (state + reference) every `save_every` steps, at the
-    last step, and when a SIGTERM arrived (preemption: every process saves this same step, then
-    Preempted is raised and the CLI exits 143)."""
+def crossed_multiple(step: int, updates: int, every: int) -> bool:
+    """Whether the last `updates` optimizer steps, ending at `step`, passed a multiple of `every`.
+    Rollout trainers advance `updates_per_batch` steps at a time, so `step % every == 0` alone would
+    skip the multiples that fall inside a batch."""
+    return every > 0 and step // every > (step - updates) // every
+
+
+def check_steps_per_batch(cfg: Config, key: str, updates_per_batch: int) -> None:
+    """`train.steps` counts optimizer steps; a rollout trainer takes them `updates_per_batch` at a
+    time, so another count would overshoot it and miss the final save and validation."""
+    if cfg.train.steps % updates_per_batch:
+        raise RecError(
+            f"config: 'train.steps' ({cfg.train.steps}) must be a multiple of '{key}' ({updates_per_batch}): "
+            "each rollout batch takes that many optimizer steps"
+        )
+
+
+def save_rollout_last(cfg: Config, tag: str, writer, logger, guard, step: int, updates: int, total_steps: int,
+                      save_every: int, state, ref_params, meta: dict) -> None:
+    """Save the resumable `tag` checkpoint (state + reference) when the last `updates` steps passed
+    a multiple of `save_every`, at the last step, and when a SIGTERM arrived (preemption: every
+    process saves this same step, then Preempted is raised and the CLI exits 143)."""
     from rec.dist.preemption import Preempted
 
     preempted = guard.reached(step) and step < total_steps
-    if (step % save_every == 0 or step == total_steps or preempted) and writer.last_saved(tag) != step:
+    periodic = crossed_multiple(step, updates, save_every)
+    if (periodic or step == total_steps or preempted) and writer.last_saved(tag) != step:
         logger.flush()
         writer.save(tag, rollout_checkpoint_tree(state, ref_params), step, meta, keep=cfg.checkpoint.keep)
     if preempted:

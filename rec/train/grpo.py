@@ -74,6 +74,9 @@ def check_grpo_config(cfg) -> None:
         raise RecError(f"config: 'grpo.max_prompt_len' must be at least 8, got {g.max_prompt_len}")
     if g.updates_per_batch < 1:
         raise RecError(f"config: 'grpo.updates_per_batch' must be >= 1, got {g.updates_per_batch}")
+    from rec.train.common import check_steps_per_batch  # noqa: PLC0415
+
+    check_steps_per_batch(cfg, "grpo.updates_per_batch", g.updates_per_batch)
     if not 0.0 <= g.clip_low < 1.0 or g.clip_high < 0.0:
         raise RecError(f"config: 'grpo.clip_low' must be in [0, 1) and 'grpo.clip_high' >= 0, got {g.clip_low}, {g.clip_high}")
     if g.beta < 0:
@@ -249,6 +252,7 @@ def run_grpo(cfg) -> dict:
     from rec.train.common import (
         check_rollout_memory,
         check_run_dir,
+        crossed_multiple,
         prepare_run_dir,
         refuse_sft_only_keys,
         resume_rollout_state,
@@ -356,14 +360,16 @@ def run_grpo(cfg) -> dict:
             }
             if "kl" in metrics:
                 last_metrics["kl"] = metrics["kl"]
-            do_eval = bool(setup.eval_ids) and (step % eval_every == 0 or step == setup.total_steps)
+            do_eval = bool(setup.eval_ids) and (crossed_multiple(step, g.updates_per_batch, eval_every)
+                                                or step == setup.total_steps)
             if do_eval:
                 t2 = time.perf_counter()
                 last_eval = evaluate(setup, state.params)
                 last_metrics.update({f"eval/{k}": v for k, v in last_eval.items()})
                 last_metrics["eval_s"] = time.perf_counter() - t2
             logger.log(step, last_metrics)
-            save_rollout_last(cfg, LAST_TAG, writer, logger, guard, step, setup.total_steps, save_every, state,
+            save_rollout_last(cfg, LAST_TAG, writer, logger, guard, step, g.updates_per_batch, setup.total_steps,
+                              save_every, state,
                               ref_params, _meta(setup, step))
     finally:
         guard.close()

@@ -177,6 +177,9 @@ def check_rl_config(cfg) -> None:
     check_best_metric("rl.best_metric", rl.best_metric, "rl.eval_beams", rl.eval_beams)
     if not rl.tasks:
         raise RecError("config: 'rl.tasks' is empty")
+    from rec.train.common import check_steps_per_batch  # noqa: PLC0415
+
+    check_steps_per_batch(cfg, "rl.updates_per_batch", rl.updates_per_batch)
     from rec.train.rewards import REC_REWARD_TERMS, resolve_weights
 
     resolve_weights(REC_REWARD_TERMS[rl.reward], list(rl.reward_weights), "rl.reward_weights")  # before any write
@@ -229,7 +232,8 @@ def _prepare(cfg, mesh):
 
         source = training_source(cfg.data)  # check the split as read, so the message names file:line
         check_rows(split_path(cfg.data.dir, source), read_split(cfg.data.dir, source, limit=cfg.data.limit), known)
-    prompts = rl_prompts(catalogue, rows, rl.tasks, seed=cfg.run.seed, seq_title_sample=rl.seq_title_sample)
+    # the prompt set is upstream's (its seq_title2sid sample uses seed 0); run.seed orders the epochs
+    prompts = rl_prompts(catalogue, rows, rl.tasks, seq_title_sample=rl.seq_title_sample)
 
     micro = train.micro_batch_size or train.batch_size
     divisor = batch_divisor(mesh)
@@ -426,6 +430,7 @@ def run_rl(cfg) -> dict:
     from rec.train.common import (
         check_rollout_memory,
         check_run_dir,
+        crossed_multiple,
         prepare_run_dir,
         refuse_sft_only_keys,
         resume_rollout_state,
@@ -490,7 +495,8 @@ def run_rl(cfg) -> dict:
             state, ref_params, step, last_metrics = rl_step(
                 setup, fns, state, ref_params, step, prompt_ids, prompt_mask, [setup.targets[i] for i in indices]
             )
-            do_eval = bool(setup.valid_rows) and (step % eval_every == 0 or step == setup.total_steps)
+            updates = rl.updates_per_batch
+            do_eval = bool(setup.valid_rows) and (crossed_multiple(step, updates, eval_every) or step == setup.total_steps)
             if do_eval:
                 t2 = time.perf_counter()
                 last_val = validate(setup, state.params)
@@ -503,7 +509,7 @@ def run_rl(cfg) -> dict:
                     best_value = value
                     logger.flush()
                     writer.save(BEST_TAG, {"params": state.params}, step, _meta(setup, step, best_value))
-            save_rollout_last(cfg, LAST_TAG, writer, logger, guard, step, setup.total_steps, save_every, state,
+            save_rollout_last(cfg, LAST_TAG, writer, logger, guard, step, updates, setup.total_steps, save_every, state,
                               ref_params, _meta(setup, step, best_value))
     finally:
         guard.close()

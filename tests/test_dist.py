@@ -184,6 +184,40 @@ def test_launch_local_checks_arguments_and_returns_the_failing_exit_code(tmp_pat
     assert any("error:" in log for log in logs)
 
 
+
+def test_launch_wait_reports_exit_statuses_like_a_shell(tmp_path, monkeypatch):
+    """Real child processes: a signal death is 128+N; a failure beats a 143 (saved and stopped)
+    that came first; and the launcher leaves no child behind when it is interrupted."""
+    from rec.dist import launch
+
+    def start(code: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", code])
+
+    killed = start("import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
+    assert launch._wait([killed], None) == 128 + 9
+    # process 0 stops with 143 at once, process 1 then fails with 1 while "saving"
+    stopped, failing = start("import sys; sys.exit(143)"), start("import sys, time; time.sleep(1); sys.exit(1)")
+    assert launch._wait([stopped, failing], None) == 1
+    both_saved = [start("import sys; sys.exit(143)"), start("import sys, time; time.sleep(0.5); sys.exit(143)")]
+    assert launch._wait(both_saved, None) == 143
+    assert launch.exit_status(-15) == 143 and launch.exit_status(2) == 2
+
+    # Ctrl-C while waiting: the children are killed and reaped, not orphaned
+    pid_file = tmp_path / "pids"
+
+    def interrupted_wait(procs, deadline):
+        pid_file.write_text(" ".join(str(p.pid) for p in procs))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(launch, "_wait", interrupted_wait)
+    with pytest.raises(KeyboardInterrupt):
+        launch.launch_local(["data", "check", str(tmp_path)], 2, echo=False, env=dict(os.environ, PYTHONPATH=ROOT),
+                            cwd=ROOT)
+    for pid in map(int, pid_file.read_text().split()):
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # gone (reaped), not running without a parent
+
+
 def test_mesh_that_does_not_match_the_run_names_processes_and_devices():
     with pytest.raises(RecError, match=r"needs 16 devices, but 1 are available \(this run: 1 process\(es\), 1 cpu"):
         dist.make_mesh("1,16,1", devices=jax.devices()[:1])

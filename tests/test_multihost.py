@@ -231,3 +231,19 @@ def test_sigterm_to_two_processes_saves_one_step_and_resumes(tmp_path, sft_refer
 
     _launch(tmp_path, "preempted-again", 2, 2, _sft_args(run, synth_dataset_dir, synth_tokenizer_dir, every_steps=SFT_STEPS))
     _assert_same_state(sft_reference, run, "sft_last", SFT_STEPS, atol=PARAM_ATOL)
+
+
+def test_a_failure_on_process_0_alone_ends_the_run_at_once(tmp_path, synth_dataset_dir, synth_tokenizer_dir):
+    """Only process 0 writes config.yaml; here that write fails (the name is a directory). Process
+    0 must exit with the one-line error at once, so the launcher stops process 1, instead of
+    waiting in JAX's shutdown while process 1 waits for it at the first collective until that
+    times out (30 s on CPU, minutes on TPU)."""
+    run = tmp_path / "run"
+    (run / "config.yaml").mkdir(parents=True)
+    log_dir = tmp_path / "logs"
+    code = launch_local(_sft_args(run, synth_dataset_dir, synth_tokenizer_dir), 2, 2, log_dir=str(log_dir),
+                        timeout=600, echo=False, env=_env(), cwd=str(ROOT))
+    first, second = (log_dir / "process_0.log").read_text(), (log_dir / "process_1.log").read_text()
+    assert code == 2, first[-3000:] + second[-3000:]
+    assert f"error: {run}/config.yaml: Is a directory" in first.splitlines()
+    assert "DEADLINE_EXCEEDED" not in second  # stopped by the launcher, not by a collective's timeout

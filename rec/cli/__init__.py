@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 
 from rec.errors import RecError
@@ -322,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         code = args.fn(args)
     except RecError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _failed(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -331,17 +332,36 @@ def main(argv: list[str] | None = None) -> int:
         # error, not retried) for what a restart cannot fix; 1 for the rest (a full disk, I/O).
         path = exc.filename2 if exc.filename2 is not None else exc.filename
         if path is None:
+            _failed(1, traceback=True)
             raise
         print(f"error: {path}: {exc.strerror or exc}", file=sys.stderr)
-        return 2 if exc.errno in _USER_ERRNOS else 1
+        return _failed(2 if exc.errno in _USER_ERRNOS else 1)
     except Exception as exc:
         from rec.dist.preemption import EXIT_CODE, Preempted
 
         if not isinstance(exc, Preempted):
+            _failed(1, traceback=True)
             raise
         print(f"rec: {exc}", file=sys.stderr)
         return EXIT_CODE
     return int(code or 0)
+
+
+def _failed(code: int, traceback: bool = False) -> int:
+    """`code`, or, in a multi-process run, exit at once with it: a failure seen by this process
+    alone (a write only process 0 does, say) would otherwise leave it in JAX's shutdown waiting
+    for peers that wait for it at their next collective, until a timeout (minutes on TPU). Exiting
+    lets `rec launch` or the JobSet stop the others now."""
+    dist = sys.modules.get("rec.dist")
+    if dist is None or not dist.in_multiprocess_run():
+        return code
+    if traceback:
+        import traceback as tb  # noqa: PLC0415
+
+        tb.print_exc()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -122,6 +122,11 @@ def init_distributed() -> None:
         )
 
 
+def in_multiprocess_run() -> bool:
+    """Whether this process has joined a run of more than one process."""
+    return _INITIALISED and jax.process_count() > 1
+
+
 def is_primary() -> bool:
     """Process 0: the one that writes shared single files (metrics.jsonl, run_summary.json)."""
     return jax.process_index() == 0

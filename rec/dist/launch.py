@@ -44,6 +44,8 @@ def process_env(process_id: int, processes: int, port: int, cpu_devices: int = 0
             REC_NUM_PROCESSES=str(processes),
             REC_PROCESS_ID=str(process_id),
         )
+    # Unbuffered: a process stopped because another failed must not take its last lines with it.
+    env["PYTHONUNBUFFERED"] = "1"
     if cpu_devices:
         env["JAX_PLATFORMS"] = "cpu"
         flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
@@ -91,21 +93,20 @@ def launch_local(
         pumps.append(pump)
 
     deadline = None if timeout is None else time.monotonic() + timeout
-    code = 0
     previous = _forward_sigterm(procs)
     try:
-        code = _wait(procs, deadline)
+        return _wait(procs, deadline)
     finally:
+        # Also on Ctrl-C or an error here: no child outlives the launcher.
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-    for p in procs:
-        p.wait()
-    for pump in pumps:
-        pump.join(timeout=5)
-    return code
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for p in procs:
+            p.wait()
+        for pump in pumps:
+            pump.join(timeout=5)
 
 
 def _forward_sigterm(procs: list[subprocess.Popen]):
@@ -122,10 +123,16 @@ def _forward_sigterm(procs: list[subprocess.Popen]):
     return signal.signal(signal.SIGTERM, forward)
 
 
+def exit_status(returncode: int) -> int:
+    """The shell convention: a child ended by signal N (Popen: -N) reports 128+N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
 def _wait(procs: list[subprocess.Popen], deadline: float | None) -> int:
-    """The first non-zero exit code, 0 when all succeed, 124 at the deadline."""
+    """The first non-zero exit status, 0 when all succeed, 124 at the deadline. 143 (saved and
+    stopped by SIGTERM) only when every process that ended did so; a real failure wins over it."""
     while True:
-        codes = [p.poll() for p in procs]
+        codes = [None if p.poll() is None else exit_status(p.returncode) for p in procs]
         failed = [c for c in codes if c not in (None, 0)]
         if failed:
             if failed[0] == 143:
@@ -133,6 +140,9 @@ def _wait(procs: list[subprocess.Popen], deadline: float | None) -> int:
                 end = time.monotonic() + 120
                 while any(p.poll() is None for p in procs) and time.monotonic() < end:
                     time.sleep(0.1)
+                codes = [None if p.poll() is None else exit_status(p.returncode) for p in procs]
+                failed = [c for c in codes if c not in (None, 0)]
+                return next((c for c in failed if c != 143), 143)
             return failed[0]
         if all(c == 0 for c in codes):
             return 0

@@ -95,7 +95,9 @@ def device_memory_bytes(mesh, configured_gib: float = 0.0) -> float | None:
     (TPU and GPU do; CPU does not: None)."""
     if configured_gib > 0:
         return configured_gib * GIB
-    device = mesh.devices.flat[0]
+    # One of this process's own devices: memory_stats() of another host's device raises, which
+    # would leave the check to process 0 alone (and the others waiting for it at the first step).
+    device = next((d for d in mesh.devices.flat if d.process_index == jax.process_index()), mesh.devices.flat[0])
     if device.platform == "cpu":
         return None
     try:

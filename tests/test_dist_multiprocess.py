@@ -128,3 +128,50 @@ def test_two_processes_match_one_process(tmp_path):
     # checkpoint written by both processes: each wrote its own shard file
     files = os.listdir(tmp_path / "two" / "run" / "checkpoints" / "t" / "3" / "params")
     assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(files)
+
+
+PREEMPTION_WORKER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from rec import dist
+    from rec.dist.preemption import PreemptionGuard, _sync_manager_available
+
+    dist.init_distributed()
+    guard = PreemptionGuard()
+    stopped = None
+    for step in range(1, 30):
+        if dist.is_primary() is False and step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # only process 1 is signalled
+        if guard.reached(step):
+            stopped = step
+            break
+    guard.close()
+    print(f"service={_sync_manager_available()} stopped={stopped}", flush=True)
+    dist.sync("end")
+    """
+)
+
+
+def test_processes_stop_at_one_step_without_jax_preemption_service(tmp_path):
+    """With JAX's preemption service off, a SIGTERM that reaches one process only still stops
+    both at the same step (the guard combines the processes' flags every step)."""
+    script = tmp_path / "worker.py"
+    script.write_text(PREEMPTION_WORKER)
+    port = free_port()
+    base = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, JAX_ENABLE_PREEMPTION_SERVICE="false")
+    procs = [
+        subprocess.Popen([sys.executable, str(script)], env=process_env(pid, 2, port, base=base), cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for pid in range(2)
+    ]
+    outputs = []
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("preemption worker timed out")
+        assert p.returncode == 0, err[-3000:]
+        outputs.append(out.strip().splitlines()[-1])
+    assert outputs == ["service=False stopped=3", "service=False stopped=3"]

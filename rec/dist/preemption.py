@@ -9,6 +9,9 @@ JobSet (or the same command run again) continues from that step.
   SIGTERM on any host, tells the others, and `multihost_utils.reached_preemption_sync_point`
   returns True on every host at the same step, the first one all of them can still reach.
 - One process: a Python SIGTERM handler sets a flag; the current step finishes first.
+- Several processes without that service (turned off, or its private JAX entry point moved): the
+  same handler in each process, and every step the processes combine their flags (one tiny
+  allgather), so they still stop at the same step however far apart the signals arrive.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ class PreemptionGuard:
     def __init__(self):
         self._flag = threading.Event()
         self._previous = None
-        self._multi = jax.process_count() > 1 and _sync_manager_available()
+        self._processes = jax.process_count()
+        self._multi = self._processes > 1 and _sync_manager_available()
         if not self._multi and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
 
@@ -53,6 +57,12 @@ class PreemptionGuard:
             from jax.experimental import multihost_utils
 
             return bool(multihost_utils.reached_preemption_sync_point(int(step)))
+        if self._processes > 1:
+            import numpy as np  # noqa: PLC0415
+            from jax.experimental import multihost_utils
+
+            flags = multihost_utils.process_allgather(np.int32(self._flag.is_set()))
+            return bool(np.max(flags))
         return self._flag.is_set()
 
     def close(self) -> None:

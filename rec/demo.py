@@ -113,7 +113,8 @@ def run_demo(out: str = "runs/demo", rl: bool = True, quick: bool = False) -> st
 
     stage += 1
     evaluated = [("SFT (sft_best)", sft_dir, "sft_best")] + ([("RL (rl_last)", rl_dir, "rl_last")] if rl else [])
-    _banner(stage, total, "evaluate " + " and ".join(name for name, _, _ in evaluated) + " on every test row")
+    _banner(stage, total, "evaluate " + " and ".join(name for name, _, _ in evaluated) + " on every test row, "
+                          "then the baselines (popularity, transition, SASRec)")
     beams = settings["eval_beams"]
     for _, run_dir, tag in evaluated:
         run_eval(_config("eval.yaml", [f"data.dir={data_dir}", f"model.path={run_dir}", f"model.checkpoint={tag}",
@@ -123,7 +124,7 @@ def run_demo(out: str = "runs/demo", rl: bool = True, quick: bool = False) -> st
 
     # popularity, transition and SASRec (2 seeds; 1 short one in quick mode) on the SFT's training rows
     run_baselines(data_dir, split="test", out=baselines_path, k=beams, echo=False, seeds=(0,) if quick else (0, 1),
-                  sasrec_cfg=SASRecConfig(max_epochs=10) if quick else None, progress=False)
+                  sasrec_cfg=SASRecConfig(max_epochs=10) if quick else None)
 
     stage += 1
     report_path = os.path.join(out, "report.html")

@@ -59,14 +59,17 @@ SMALL_CPU = {
 }
 
 
+def _has_train(data_dir: str) -> bool:
+    return storage.exists(storage.join(data_dir, "train.csv"))
+
+
 def _small_cpu(data_dir: str, runs: str, seed: int = 42) -> dict[str, dict]:
     k = SMALL_CPU
     tokenizer_dir = f"{runs}/tokenizer"
     sft_dir, rl_dir = f"{runs}/sft", f"{runs}/rl"
-    have_train = bool(data_dir) and storage.exists(storage.join(data_dir, "train.csv"))
-    # The public snapshot has no train.csv: train on every valid row plus the prefix windows of its
-    # history; the last 10% of valid rows are held out for every selection (never the test split).
-    data_rows = {"train_split": "train"} if have_train or not data_dir else {"train_from": "valid", "select_fraction": 0.1}
+    # The public snapshot has no train.csv: train on the valid rows plus the prefix windows of their
+    # histories; the last 10% of valid rows are held out for every selection (never the test split).
+    data_rows = {"train_split": "train"} if _has_train(data_dir) else {"train_from": "valid", "select_fraction": 0.1}
     common_model = {"shape": k["shape"], "tokenizer": tokenizer_dir, "param_dtype": "float32",
                     "compute_dtype": "float32", "remat": False}
     sft = {
@@ -121,24 +124,35 @@ def _small_cpu(data_dir: str, runs: str, seed: int = 42) -> dict[str, dict]:
     return {"sft": sft, "rl": rl, "eval": evaluation}
 
 
-def _readme(out: str, data_dir: str, runs: str) -> str:
-    data = data_dir or "DATASET_DIR"
-    return f"""# small-cpu recipe
+README_TITLE = "# small-cpu recipe\n"
 
-`rec recipe small-cpu --data {data} --out {runs}` runs all of this in one command; by hand:
+
+def _readme(out: str, data_dir: str, runs: str, have_train: bool, overrides: dict[str, list[str]] | None = None) -> str:
+    def extra(stage: str) -> str:
+        return "".join(f" {o}" for o in (overrides or {}).get(stage, []))
+
+    rows = (
+        "These configs train on the dataset's `train.csv` and select on its valid split."
+        if have_train
+        else "This dataset has no `train.csv` (the public snapshot ships only valid/test), so the configs "
+        "train on the valid split's rows and prefix windows (`data.train_from=valid`) and select on its "
+        "last 10%."
+    )
+    used = "".join(f"\n- {stage}: `{' '.join(items)}`" for stage, items in (overrides or {}).items() if items)
+    used = f"\n\nThe run used these overrides (included in the commands above):{used}\n" if used else "\n"
+    return README_TITLE + f"""
+`rec recipe small-cpu --data {data_dir} --out {runs}` runs all of this in one command; by hand:
 
 ```bash
-rec tokenizer build --dataset {data} --out {runs}/tokenizer --vocab-size {SMALL_CPU["tokenizer_vocab"]}
-rec sft  --config {out}/sft.yaml
-rec rl   --config {out}/rl.yaml
-rec eval --config {out}/eval.yaml          # HR@K / NDCG@K of rl_best on every test row
-rec eval --config {out}/eval.yaml model.path={runs}/sft model.checkpoint=sft_best run.dir={runs}/sft
-rec baselines --data {data} --split test --out {runs}/baselines.json
+rec tokenizer build --dataset {data_dir} --out {runs}/tokenizer --vocab-size {SMALL_CPU["tokenizer_vocab"]}
+rec sft  --config {out}/sft.yaml{extra("sft")}
+rec rl   --config {out}/rl.yaml{extra("rl")}
+rec eval --config {out}/eval.yaml{extra("eval")}          # HR@K / NDCG@K of rl_best on every test row
+rec eval --config {out}/eval.yaml{extra("eval")} model.path={runs}/sft model.checkpoint=sft_best run.dir={runs}/sft
+rec baselines --data {data_dir} --split test --out {runs}/baselines.json
 ```
 
-Without a `train.csv` (the public snapshot ships only valid/test) the configs train on the valid
-split's rows and prefix windows (`data.train_from=valid`) and select on its last 10%.
-"""
+{rows}{used}"""
 
 
 def _validated_texts(name: str, data_dir: str, runs: str, seed: int = 42) -> dict[str, str]:
@@ -156,14 +170,27 @@ def _validated_texts(name: str, data_dir: str, runs: str, seed: int = 42) -> dic
     return texts
 
 
-def write_recipe(name: str, out: str, data_dir: str = "", runs_dir: str = "", seed: int = 42) -> str:
-    """Write the recipe's configs under `out`; every file is checked with `load_config` first."""
+def _is_recipe_configs(path: str) -> bool:
+    """Whether `path` holds configs this module wrote (its README says so)."""
+    readme = storage.join(path, "README.md")
+    return storage.exists(readme) and storage.read_text(readme).startswith(README_TITLE)
+
+
+def write_recipe(name: str, out: str, data_dir: str, runs_dir: str = "", seed: int = 42,
+                 overrides: dict[str, list[str]] | None = None) -> str:
+    """Write the recipe's configs under `out` (a new directory or earlier recipe configs); every
+    file is checked with `load_config` first. `overrides`: the per-stage ones a run used, listed in
+    the README's commands."""
+    if not data_dir:
+        raise RecError("--data: the configs name the dataset and how it is split; give its directory")
+    storage.refuse_foreign_output(out, "--out", _is_recipe_configs, "set of recipe configs")
     runs = runs_dir or "runs/small-cpu"
     texts = _validated_texts(name, str(data_dir), runs, seed)
     for stage, text in texts.items():
         header = f"# rec recipe {name}: {stage} stage (see README.md in this directory)\n"
         storage.write_text(storage.join(out, f"{stage}.yaml"), header + text)
-    storage.write_text(storage.join(out, "README.md"), _readme(out, str(data_dir), runs))
+    readme = _readme(out, str(data_dir), runs, _has_train(str(data_dir)), overrides)
+    storage.write_text(storage.join(out, "README.md"), readme)
     return out
 
 
@@ -186,14 +213,25 @@ def parse_stage_overrides(items) -> dict[str, list[str]]:
     return out
 
 
-def _prepare_out(out: str) -> None:
+def _prepare_out(out: str, identity: str) -> None:
+    """`out` must be new, empty, or an earlier run of the same recipe on the same data and seed:
+    a rerun resumes its stages, so other arguments would mix two runs under one report."""
     if storage.is_gcs(out):
         raise RecError(f"--out {out}: the recipe writes to a local directory")
-    if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, MARKER)):
-        raise RecError(f"--out {out}: directory exists and is not a previous recipe run; choose another --out")
+    marker = os.path.join(out, MARKER)
+    if os.path.isdir(out) and os.listdir(out):
+        if not os.path.exists(marker):
+            raise RecError(f"--out {out}: directory exists and is not a previous recipe run; choose another --out")
+        with open(marker, encoding="utf-8") as f:
+            earlier = f.read().splitlines()[1:]
+        if earlier and earlier != identity.splitlines():
+            raise RecError(
+                f"--out {out}: holds a recipe run with other arguments ({'; '.join(earlier)}); a rerun "
+                "resumes it, so use the same arguments or another --out"
+            )
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, MARKER), "w", encoding="utf-8") as f:
-        f.write("rec recipe output; a rerun with the same --out resumes the stages\n")
+    with open(marker, "w", encoding="utf-8") as f:
+        f.write("rec recipe output; a rerun with the same --out and arguments resumes the stages\n" + identity)
 
 
 def run_recipe(name: str, data_dir: str, out: str, seed: int = 42, overrides=None, baseline_seeds=(0, 1),
@@ -211,6 +249,7 @@ def run_recipe(name: str, data_dir: str, out: str, seed: int = 42, overrides=Non
     if "test" not in available_splits(data_dir):
         raise RecError(f"{data_dir}: no test.csv to evaluate on")
     stage_overrides = parse_stage_overrides(overrides)
+    user_overrides = {stage: list(items) for stage, items in stage_overrides.items()}
     if not progress:
         for stage in STAGE_OVERRIDES:
             stage_overrides[stage].insert(0, "run.progress=false")
@@ -224,8 +263,8 @@ def run_recipe(name: str, data_dir: str, out: str, seed: int = 42, overrides=Non
             with open(path, "w", encoding="utf-8") as f:
                 f.write(text)
             cfgs[stage] = load_config(path, stage_overrides[stage])
-    _prepare_out(out)
-    write_recipe(name, configs_dir, data_dir=str(data_dir), runs_dir=out, seed=seed)
+    _prepare_out(out, f"recipe {name}\ndata {os.path.abspath(str(data_dir))}\nseed {seed}\n")
+    write_recipe(name, configs_dir, data_dir=str(data_dir), runs_dir=out, seed=seed, overrides=user_overrides)
 
     from rec.eval.baselines import run_baselines  # noqa: PLC0415
     from rec.eval.evaluate import run_eval  # noqa: PLC0415

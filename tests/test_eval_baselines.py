@@ -104,3 +104,9 @@ def test_rec_baselines_cli(synth_dataset_dir, tmp_path, capsys):
     assert written["sasrec"]["hr@10"] > written["popularity"]["hr@10"]
     assert main(["baselines", "--data", synth_dataset_dir, "--split", "nope"]) == 2
     assert "--split" in capsys.readouterr().err
+    # an --out that cannot be written is refused before any fitting; one seed shows no "±"
+    assert main(["baselines", "--data", synth_dataset_dir, "--out", str(tmp_path), "--seeds", "1"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --out {tmp_path}: is a directory; name the JSON file to write"
+    one = tmp_path / "one.json"
+    assert main(["baselines", "--data", synth_dataset_dir, "--out", str(one), "--seeds", "1", "--epochs", "2"]) == 0
+    assert "±" not in capsys.readouterr().out and "std" not in json.loads(one.read_text())["sasrec"]

@@ -35,7 +35,8 @@ def test_small_cpu_configs_without_train_csv(synth_dataset_dir, tmp_path):
     assert sft.data.tasks == rl.rl.tasks == ["sid_sequence"] and ev.eval.prompt == rl.eval.prompt == "sequence"
     assert sft.train.dropout > 0 and rl.train.dropout == 0
     readme = (out / "README.md").read_text()
-    assert f"rec tokenizer build --dataset {data}" in readme and f"rec sft  --config {out}/sft.yaml" in readme
+    assert f"rec tokenizer build --dataset {data}" in readme and f"rec sft  --config {out}/sft.yaml\n" in readme
+    assert "This dataset has no `train.csv`" in readme and "overrides" not in readme
 
 
 def test_configs_only_cli_with_train_csv(synth_dataset_dir, tmp_path, capsys):
@@ -44,9 +45,21 @@ def test_configs_only_cli_with_train_csv(synth_dataset_dir, tmp_path, capsys):
     assert capsys.readouterr().out.strip() == str(out)
     sft = load_config(str(out / "sft.yaml"))
     assert sft.data.train_split == "train" and sft.data.train_from == ""
+    assert "These configs train on the dataset's `train.csv`" in (out / "README.md").read_text()
+    # writing again over its own output is fine; over anything else, or without a dataset, it is not
+    assert main(["recipe", "small-cpu", "--configs-only", "--out", str(out), "--data", synth_dataset_dir]) == 0
     with pytest.raises(RecError, match="unknown name"):
-        write_recipe("huge-tpu", str(tmp_path / "x"))
+        write_recipe("huge-tpu", str(tmp_path / "x"), data_dir=synth_dataset_dir)
     assert not (tmp_path / "x").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "README.md").write_text("my project\n")
+    capsys.readouterr()
+    assert main(["recipe", "small-cpu", "--configs-only", "--out", str(mine), "--data", synth_dataset_dir]) == 2
+    assert "not empty and not an earlier set of recipe configs" in capsys.readouterr().err
+    assert (mine / "README.md").read_text() == "my project\n" and sorted(p.name for p in mine.iterdir()) == ["README.md"]
+    assert main(["recipe", "small-cpu", "--configs-only", "--out", str(tmp_path / "y")]) == 2
+    assert "--data: the configs name the dataset" in capsys.readouterr().err
 
 
 def test_stage_overrides_and_refusals(synth_dataset_dir, tmp_path, capsys):
@@ -63,6 +76,15 @@ def test_stage_overrides_and_refusals(synth_dataset_dir, tmp_path, capsys):
     (tmp_path / "busy" / "keep.txt").write_text("x")
     with pytest.raises(RecError, match="not a previous recipe run"):
         run_recipe("small-cpu", synth_dataset_dir, str(tmp_path / "busy"))
+    # an earlier run with another seed: resuming it would mix the two runs, so it is refused
+    from rec.recipe import MARKER, _prepare_out
+
+    earlier = tmp_path / "earlier"
+    _prepare_out(str(earlier), f"recipe small-cpu\ndata {synth_dataset_dir}\nseed 42\n")
+    (earlier / "sft").mkdir()
+    with pytest.raises(RecError, match=r"holds a recipe run with other arguments \(recipe small-cpu; data .*; seed 42\)"):
+        run_recipe("small-cpu", synth_dataset_dir, str(earlier), seed=7)
+    assert (earlier / MARKER).read_text().endswith("seed 42\n")
 
 
 @pytest.mark.slow
@@ -84,6 +106,8 @@ def test_recipe_end_to_end_tiny(synth_dataset_dir, tmp_path, capsys):
     for method in ("popularity", "transition", "sasrec"):
         assert 0.0 <= summary[f"baselines/{method}/hr@10"] <= 1.0
     assert summary["recipe/train_from"] == "valid" and summary["recipe/rl_checkpoint"] == "rl_best"
+    readme = (out / "configs" / "README.md").read_text()  # the commands reproduce the run: overrides included
+    assert f"rec sft  --config {out}/configs/sft.yaml train.steps=30 train.eval_every=15 run.progress=false\n" in readme
     predictions = json.loads((out / "eval_predictions.json").read_text())
     assert len(predictions) == summary["eval/num_samples"] and len(predictions[0]["predict"]) == 10
     html = (out / "report.html").read_text()

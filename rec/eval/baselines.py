@@ -21,6 +21,7 @@ Items are compared as SID strings, like the metric.
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 
@@ -132,7 +133,8 @@ def score_sasrec(
     keys = [key for key in per_seed[0] if "@" in key]
     out: dict = {key: float(np.mean([m[key] for m in per_seed])) for key in keys}
     out.update({key: per_seed[0][key] for key in ("invalid_prediction_count", "num_samples", "beams")})
-    out["std"] = {key: float(np.std([m[key] for m in per_seed], ddof=1)) if len(per_seed) > 1 else 0.0 for key in keys}
+    if len(per_seed) > 1:  # one seed has no spread to report (not a spread of zero)
+        out["std"] = {key: float(np.std([m[key] for m in per_seed], ddof=1)) for key in keys}
     out["seeds"] = [int(s) for s in seeds]
     out["per_seed"] = [{key: m[key] for key in keys} for m in per_seed]
     out["best_epochs"] = best_epochs
@@ -202,6 +204,11 @@ def run_baselines(data_dir: str, split: str = "test", out: str = "", k: int = 50
 
     from rec.data.dataset import load_catalogue  # noqa: PLC0415
 
+    if out:  # checked now: the fits take minutes, and their figures must not be lost at the end
+        if storage.isdir(out):
+            raise RecError(f"--out {out}: is a directory; name the JSON file to write")
+        if not storage.is_gcs(out):
+            storage.check_output_dir(os.path.dirname(os.path.abspath(out)), "--out")
     catalogue = load_catalogue(data_dir)
     train, select, eval_rows = baseline_rows(data_dir, split, train_from, select_fraction)
     sids = sorted(set(catalogue.all_sids))
@@ -215,9 +222,9 @@ def run_baselines(data_dir: str, split: str = "test", out: str = "", k: int = 50
         results["sasrec"] = score_sasrec(_pairs(train), _pairs(select), _pairs(eval_rows), sids, k=k, seeds=seeds,
                                          cfg=sasrec_cfg, progress=progress)
         results["sasrec"].update(train_rows=len(train), select_rows=len(select))
+    if echo:  # the table first: a failing write must not take the figures with it
+        print(f"{split} split of {data_dir}: {len(eval_rows)} rows, {k} recommendations each")
+        print(format_table(results), flush=True)
     if out:
         storage.write_text(out, json.dumps(results, indent=2) + "\n")
-    if echo:
-        print(f"{split} split of {data_dir}: {len(eval_rows)} rows, {k} recommendations each")
-        print(format_table(results))
     return results

@@ -170,10 +170,13 @@ def plot_eval_bars(rows: list[tuple[str, dict[int, float], dict[int, float]]]) -
         ax.set_xticks(list(range(len(ks))))
         ax.set_xticklabels([str(k) for k in ks])
         ax.set_xlabel("K")
+        ax.set_ylabel(name.replace("@K", ""))
         ax.set_title(name)
         ax.grid(axis="y", alpha=0.3)
-        if col == 0:
-            ax.legend(fontsize=7)
+    # one legend for both panels, below them, where it covers no bar
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(rows), 6), fontsize=7, frameon=False)
+    fig.subplots_adjust(bottom=0.22)
     return _png(fig)
 
 

@@ -49,9 +49,8 @@ def _prepare_out(out: str) -> None:
     if storage.is_gcs(out):
         raise RecError(f"--out {out}: the demo writes to a local directory")
     path = Path(out)
-    if path.exists() and any(path.iterdir()):
-        if not (path / MARKER).exists():
-            raise RecError(f"--out {out}: directory exists and is not a previous demo; choose another --out")
+    storage.refuse_foreign_output(out, "--out", lambda p: os.path.exists(os.path.join(p, MARKER)), "demo output")
+    if path.exists():
         for name in ("data", "tokenizer", "sft", "rl", "baselines.json", "report.html"):
             target = path / name
             if target.is_dir():

@@ -219,9 +219,8 @@ def _prepare_out(out: str, identity: str) -> None:
     if storage.is_gcs(out):
         raise RecError(f"--out {out}: the recipe writes to a local directory")
     marker = os.path.join(out, MARKER)
-    if os.path.isdir(out) and os.listdir(out):
-        if not os.path.exists(marker):
-            raise RecError(f"--out {out}: directory exists and is not a previous recipe run; choose another --out")
+    storage.refuse_foreign_output(out, "--out", lambda p: os.path.exists(os.path.join(p, MARKER)), "recipe run")
+    if os.path.exists(marker):
         with open(marker, encoding="utf-8") as f:
             earlier = f.read().splitlines()[1:]
         if earlier and earlier != identity.splitlines():

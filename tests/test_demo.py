@@ -12,7 +12,7 @@ def test_out_dir_guard(tmp_path):
     user_dir = tmp_path / "mine"
     user_dir.mkdir()
     (user_dir / "notes.txt").write_text("keep me")
-    with pytest.raises(RecError, match="not a previous demo"):
+    with pytest.raises(RecError, match="not empty and not an earlier demo output"):
         _prepare_out(str(user_dir))
     assert (user_dir / "notes.txt").read_text() == "keep me"
     demo_dir = tmp_path / "demo"

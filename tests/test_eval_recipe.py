@@ -74,7 +74,7 @@ def test_stage_overrides_and_refusals(synth_dataset_dir, tmp_path, capsys):
     assert "train.stpes" in capsys.readouterr().err and not out.exists()
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "keep.txt").write_text("x")
-    with pytest.raises(RecError, match="not a previous recipe run"):
+    with pytest.raises(RecError, match="not empty and not an earlier recipe run"):
         run_recipe("small-cpu", synth_dataset_dir, str(tmp_path / "busy"))
     # an earlier run with another seed: resuming it would mix the two runs, so it is refused
     from rec.recipe import MARKER, _prepare_out

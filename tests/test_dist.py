@@ -76,6 +76,9 @@ def test_init_distributed_env_checks(monkeypatch):
     monkeypatch.setenv("REC_PROCESS_ID", "-1")
     with pytest.raises(RecError, match="REC_PROCESS_ID='-1' must be an integer >= 0"):
         dist.init_distributed()
+    monkeypatch.setenv("REC_PROCESS_ID", "--1")
+    with pytest.raises(RecError, match="REC_PROCESS_ID='--1' must be an integer >= 0"):
+        dist.init_distributed()
     # One process promised, one present: nothing to join, no error.
     monkeypatch.setenv("REC_NUM_PROCESSES", "1")
     monkeypatch.setenv("REC_PROCESS_ID", "0")

@@ -65,7 +65,7 @@ def _env_family(env) -> tuple[str, str, str] | None:
 
 def _env_int_at_least(env, name: str, minimum: int) -> int:
     raw = env.get(name, "").strip()
-    if not raw.lstrip("-").isdigit() or int(raw) < minimum:
+    if not re.fullmatch(r"-?[0-9]+", raw) or int(raw) < minimum:
         raise RecError(f"environment: {name}={raw!r} must be an integer >= {minimum}")
     return int(raw)
 

@@ -291,7 +291,7 @@ def run_eval(cfg) -> dict:
             f"config: 'eval.batch_size' ({cfg.eval.batch_size}) must be a multiple of the {batch_divisor(mesh)} "
             f"devices on the batch axes of mesh '{cfg.mesh.shape}'"
         )
-    shape, params, tok = load_model_and_tokenizer(cfg, catalogue, "eval", mesh=mesh)
+    shape, params, tok = load_model_and_tokenizer(cfg, catalogue, "eval", mesh=mesh, source=source)
     _eos_id, pad_id = eos_and_pad_ids(tok, cfg)  # a one-line error when the tokenizer has no EOS
     trie, id_to_token = decode_tables(tok, catalogue)
 

@@ -105,14 +105,16 @@ def model_source(cfg: Config, stage: str) -> ModelSource:
     return ModelSource("random", cfg.model.shape)
 
 
-def load_model_and_tokenizer(cfg: Config, catalogue=None, stage: str = "sft", mesh=None):
-    """(shape, params placed on the mesh, tokenizer with the catalogue's SID tokens)."""
+def load_model_and_tokenizer(cfg: Config, catalogue=None, stage: str = "sft", mesh=None,
+                             source: ModelSource | None = None):
+    """(shape, params placed on the mesh, tokenizer with the catalogue's SID tokens). `source`: the
+    caller's `model_source(cfg, stage)` when it has resolved it already (so both name one step)."""
     from rec.model.qwen2 import PARTITION_RULES, get_shape, shape_with_vocab
     from rec.model.resize import grow_vocab
     from rec.tokenizer import add_sid_tokens, load_tokenizer, sid_tokens
 
     mesh = mesh if mesh is not None else dist.make_mesh(cfg.mesh.shape)
-    source = model_source(cfg, stage)
+    source = source or model_source(cfg, stage)
     if source.kind == "hf":
         from rec.model.hf_io import load_hf
 

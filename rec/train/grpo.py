@@ -369,8 +369,7 @@ def run_grpo(cfg) -> dict:
                 last_metrics["eval_s"] = time.perf_counter() - t2
             logger.log(step, last_metrics)
             save_rollout_last(cfg, LAST_TAG, writer, logger, guard, step, g.updates_per_batch, setup.total_steps,
-                              save_every, state,
-                              ref_params, _meta(setup, step))
+                              save_every, state, ref_params, _meta(setup, step))
     finally:
         guard.close()
         writer.close()

@@ -80,33 +80,34 @@ WORKER = textwrap.dedent(
 )
 
 
-def _run(tmp_path, name, processes, devices_each):
-    out = tmp_path / name
-    out.mkdir()
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
+def _run_workers(name, script, processes, args, **env) -> list[str]:
+    """Run `script args` as `processes` joined local JAX processes on CPU; their stdouts, once all
+    exited 0 (any failure or a 240 s timeout fails the test)."""
     port = free_port()
-    procs = []
-    for pid in range(processes):
-        env = process_env(pid, processes, port, base=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, WANDB_MODE="disabled"))
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(script), str(out), str(devices_each)],
-                env=env,
-                cwd=ROOT,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
+    base = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, **env)
+    procs = [
+        subprocess.Popen([sys.executable, str(script), *args], env=process_env(pid, processes, port, base=base),
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for pid in range(processes)
+    ]
+    stdouts = []
     for p in procs:
         try:
-            _, err = p.communicate(timeout=240)
+            out, err = p.communicate(timeout=240)
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
             pytest.fail(f"{name}: worker timed out")
         assert p.returncode == 0, f"{name}: worker failed:\n{err[-4000:]}"
+        stdouts.append(out)
+    return stdouts
+
+def _run(tmp_path, name, processes, devices_each):
+    out = tmp_path / name
+    out.mkdir()
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    _run_workers(name, script, processes, [str(out), str(devices_each)], WANDB_MODE="disabled")
     result = json.loads((out / "result.json").read_text())
     params = dict(np.load(out / "params.npz"))
     return result, params
@@ -157,21 +158,6 @@ def test_processes_stop_at_one_step_without_jax_preemption_service(tmp_path):
     both at the same step (the guard combines the processes' flags every step)."""
     script = tmp_path / "worker.py"
     script.write_text(PREEMPTION_WORKER)
-    port = free_port()
-    base = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, JAX_ENABLE_PREEMPTION_SERVICE="false")
-    procs = [
-        subprocess.Popen([sys.executable, str(script)], env=process_env(pid, 2, port, base=base), cwd=ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for pid in range(2)
-    ]
-    outputs = []
-    for p in procs:
-        try:
-            out, err = p.communicate(timeout=240)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("preemption worker timed out")
-        assert p.returncode == 0, err[-3000:]
-        outputs += [line for line in out.splitlines() if line.startswith("service=")]  # Gloo prints too
+    stdouts = _run_workers("preemption", script, 2, [], JAX_ENABLE_PREEMPTION_SERVICE="false")
+    outputs = [line for out in stdouts for line in out.splitlines() if line.startswith("service=")]  # Gloo prints too
     assert outputs == ["service=False stopped=3", "service=False stopped=3"]

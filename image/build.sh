@@ -6,8 +6,11 @@
 #   PUSH=1 bash image/build.sh               also push the tag
 #   bash image/build.sh --dry-run            print the build command, build nothing
 #   bash image/build.sh --context-only DIR   only assemble the build context in DIR
-# Variables: K8S_ENV (default dev), IMAGE, BASE_IMAGE, JAX_VERSION, PLATFORM (default linux/amd64:
-# TPU VMs are x86_64), ENGINE (docker|buildah; default: the first that works), PYTHON.
+# Variables: K8S_ENV (default dev), IMAGE, BASE_IMAGE (default python:3.12-slim-bookworm; a
+# localhost/... base, e.g. from image/debian-base.sh, is used without pulling), JAX_VERSION,
+# PLATFORM (default linux/amd64: TPU VMs are x86_64), ENGINE (docker|buildah; default: the first
+# that works), PYTHON. buildah also reads CONTAINERS_CONF (docs/DEPLOY.md: building behind a
+# TLS-intercepting proxy).
 #
 # The build context is assembled in a temporary directory from exactly what the image needs,
 # with image/.dockerignore at its root, so docker and buildah see the same files.
@@ -24,7 +27,7 @@ while [ "$#" -gt 0 ]; do
   case "$1" in
     --dry-run) DRY_RUN=1 ;;
     --context-only) CONTEXT_ONLY="${2:?--context-only needs a directory}"; shift ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "error: unknown option $1 (see bash image/build.sh --help)" >&2; exit 2 ;;
   esac
   shift
@@ -88,7 +91,12 @@ assemble_context "$context"
 
 case "$ENGINE" in
   docker) cmd=(docker build --platform "$PLATFORM" -f "$context/image/Dockerfile" -t "$IMAGE" "${build_args[@]}" "$context") ;;
-  buildah) cmd=(buildah bud --isolation chroot --platform "$PLATFORM" -f "$context/image/Dockerfile" -t "$IMAGE" "${build_args[@]}" "$context") ;;
+  buildah)
+    # --layers: cache every step, as docker does (the dependency layer is then rebuilt only when
+    # the pins change, and a push re-uploads only the code layer). A local base is never pulled.
+    pull=()
+    case "${BASE_IMAGE:-}" in localhost/*) pull=(--pull=never) ;; esac
+    cmd=(buildah bud --layers --isolation chroot "${pull[@]}" --platform "$PLATFORM" -f "$context/image/Dockerfile" -t "$IMAGE" "${build_args[@]}" "$context") ;;
   *) echo "error: ENGINE=$ENGINE: expected docker or buildah" >&2; exit 2 ;;
 esac
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import pathlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -269,12 +270,28 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+PACKAGED_CONFIGS = pathlib.Path(__file__).resolve().parent / "configs"
+
+
+def resolve_config_path(path: str) -> str:
+    """`path` itself when it exists; else a relative `configs/<stage>/<name>.yaml` is the copy shipped
+    inside the package, so the names the docs and manifests use work from any directory of an
+    installed wheel or the image."""
+    if "://" in path or os.path.exists(path) or os.path.isabs(path):
+        return path
+    parts = pathlib.Path(path).parts
+    if len(parts) >= 2 and parts[0] == "configs" and (PACKAGED_CONFIGS.joinpath(*parts[1:])).is_file():
+        return str(PACKAGED_CONFIGS.joinpath(*parts[1:]))
+    return path
+
+
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults <- YAML file <- dotted overrides. Raises RecError on any problem."""
     cfg = Config()
     if path:
         from rec import storage
 
+        path = resolve_config_path(path)
         if not storage.exists(path):
             raise RecError(f"{path}: config file not found")
         try:

@@ -34,7 +34,8 @@ from rec import storage
 from rec.errors import RecError
 
 MARKER = ".rec-demo"
-CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "tiny"
+# Inside the package (rec/configs links to the checkout's configs/), so an installed wheel has them.
+CONFIGS = Path(__file__).resolve().parent / "configs" / "tiny"
 
 # (users, items) of the synthetic dataset; SFT / RL steps. Full: chance HR@10 = 10/240 ≈ 4%.
 FULL = {"users": 600, "items": 240, "sft_steps": 450, "rl_steps": 40, "eval_beams": 20}

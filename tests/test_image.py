@@ -53,13 +53,15 @@ def test_dockerfile_structure():
     assert re.search(r"^ARG BASE_IMAGE=python:3\.\d+-slim", text, re.M) and "FROM ${BASE_IMAGE}" in text
     # TPU runtime pinned through jax[tpu] with an exact version
     assert re.search(r"^ARG JAX_VERSION=\d+\.\d+\.\d+$", text, re.M) and '"jax[tpu]==${JAX_VERSION}"' in text
-    assert '".[tpu,gcs,wandb]"' in text
+    assert '"/tmp/rec-src[tpu,gcs,wandb]"' in text and "rm -rf /tmp/rec-src" in text
     # dependency layer before the code
     deps = next(
-        i for i, line in enumerate(lines) if "requirements-tpu.txt" in line and line.startswith("RUN")
+        i for i, line in enumerate(lines) if line.startswith("RUN python3 -m venv /opt/rec")
     )
     code = next(i for i, line in enumerate(lines) if line.startswith("COPY rec/"))
     assert deps < code
+    # a work directory the non-root user can write
+    assert re.search(r"^WORKDIR /work$", text, re.M) and "install -d -o 1000 -g 1000 -m 1777 /work" in text
     # non-root user, exec-form entrypoint and command
     assert re.search(r"^USER 1000", text, re.M)
     assert 'ENTRYPOINT ["/usr/local/bin/rec-entrypoint"]' in text and text.rstrip().endswith(
@@ -189,7 +191,7 @@ def test_build_says_clearly_when_no_builder_exists(tmp_path):
     "engine,expected",
     [
         ("docker", "docker build --platform linux/amd64"),
-        ("buildah", "buildah bud --isolation chroot --platform linux/amd64"),
+        ("buildah", "buildah bud --layers --isolation chroot --platform linux/amd64"),
     ],
 )
 def test_build_dry_run_prints_the_command(engine, expected):

@@ -12,7 +12,7 @@ import errno
 import os
 import sys
 
-from rec.errors import RecError
+from rec.errors import EXIT_RESOURCE_EXHAUSTED, RecError, resource_exhausted
 
 
 def _int_at_least(low: int):
@@ -339,11 +339,19 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         from rec.dist.preemption import EXIT_CODE, Preempted
 
-        if not isinstance(exc, Preempted):
-            _failed(1, traceback=True)
-            raise
-        print(f"rec: {exc}", file=sys.stderr)
-        return EXIT_CODE
+        if isinstance(exc, Preempted):
+            print(f"rec: {exc}", file=sys.stderr)
+            return EXIT_CODE
+        exhausted = resource_exhausted(exc)
+        if exhausted:  # the same shapes would fail the same way after a restart: say so, exit 3
+            print(
+                f"error: out of accelerator memory ({exhausted}); lower the batch size "
+                "(train.micro_batch_size, eval.batch_size) or the sequence length, or use a larger slice",
+                file=sys.stderr,
+            )
+            return _failed(EXIT_RESOURCE_EXHAUSTED)
+        _failed(1, traceback=True)
+        raise
     return int(code or 0)
 
 

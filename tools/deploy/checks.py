@@ -18,8 +18,8 @@ import pathlib
 import re
 from collections.abc import Callable
 
-from rec.errors import RecError
-from tools.deploy.values import ROOT, check_image, read_text
+from rec.errors import FAIL_FAST_EXIT_CODES, RecError
+from tools.deploy.values import ROLLOUT_VARS, ROOT, check_image, read_text
 
 CRD_PATH = ROOT.parent / "shared" / "k8s" / "jobset.x-k8s.io_jobsets.yaml"
 K8S_VERSION = "1.33"  # GKE minor the Job schema is checked against
@@ -30,7 +30,6 @@ TOPOLOGY_LABEL = "cloud.google.com/gke-tpu-topology"
 INSTANCE_LABEL = "node.kubernetes.io/instance-type"
 EXCLUSIVE_ANNOTATION = "alpha.jobset.sigs.k8s.io/exclusive-topology"
 FUSE_DRIVER = "gcsfuse.csi.storage.gke.io"
-ROLLOUT_VARS = ("ROLLOUT_FAST_GENERATE", "ROLLOUT_FAST_QWEN2_DECODE_ATTENTION")
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _RULE_NAME = re.compile(r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
 MIN_TTL_SECONDS = 3600
@@ -331,7 +330,8 @@ def rule_host_network(doc: dict) -> list[str]:
 
 
 def rule_exclusive_placement(doc: dict) -> list[str]:
-    """Multi-host JobSets carry the exclusive-topology annotation (one child Job per node pool)."""
+    """Multi-host JobSets carry the exclusive-topology annotation (one child Job per node pool);
+    single-pod ones do not (JobSet's webhook would make them exclusive across the whole pool)."""
     if doc.get("kind") != "JobSet" or not _is_tpu(doc):
         return []
     annotations = (doc.get("metadata") or {}).get("annotations") or {}
@@ -342,6 +342,64 @@ def rule_exclusive_placement(doc: dict) -> list[str]:
         if spec.get("parallelism", 1) > 1 and value != "cloud.google.com/gke-nodepool":
             out.append(
                 f"multi-host replicatedJob {rj.get('name')} needs annotation {EXCLUSIVE_ANNOTATION}: cloud.google.com/gke-nodepool"
+            )
+        elif spec.get("parallelism", 1) == 1 and value:
+            out.append(
+                f"single-pod replicatedJob {rj.get('name')}: drop annotation {EXCLUSIVE_ANNOTATION} (it would let "
+                "only one such JobSet run per node pool at a time)"
+            )
+    return out
+
+
+NODE_IDENTITY_ANNOTATION = "rec/gcs-identity"
+
+
+def _gcs_paths(container: dict) -> list[str]:
+    texts = [str(a) for key in ("command", "args") for a in container.get(key) or []]
+    texts += [str(e.get("value", "")) for e in container.get("env") or [] if isinstance(e, dict)]
+    return [t for t in texts if "gs://" in t]
+
+
+def rule_host_network_identity(doc: dict) -> list[str]:
+    """A hostNetwork pod's own GCS calls get the node's service account, not Workload Identity:
+    refuse gs:// paths there unless the pod says the node's account is granted on purpose."""
+    out = []
+    for _, _, pod in _pod_templates(doc):
+        if not (pod.get("spec") or {}).get("hostNetwork"):
+            continue
+        annotations = (pod.get("metadata") or {}).get("annotations") or {}
+        if annotations.get(NODE_IDENTITY_ANNOTATION) == "node-service-account":
+            continue
+        for c in _containers(pod):
+            paths = _gcs_paths(c)
+            if paths:
+                out.append(
+                    f"container {c.get('name')}: hostNetwork with {paths[0]!r}: its GCS calls would run as the "
+                    "node's service account, not the pod's (Workload Identity does not apply); turn hostNetwork "
+                    f"off, or grant the node's account and annotate the pod {NODE_IDENTITY_ANNOTATION}: "
+                    "node-service-account (values: tpu_host_network_node_identity)"
+                )
+    return out
+
+
+def rule_exit_codes(doc: dict) -> list[str]:
+    """Slice Jobs fail at once on exactly the exit codes a restart cannot fix (rec.errors)."""
+    if doc.get("kind") != "JobSet" or not _is_tpu(doc):
+        return []
+    want = sorted(FAIL_FAST_EXIT_CODES)
+    out = []
+    for rj, spec, _ in _pod_templates(doc):
+        rules = (spec.get("podFailurePolicy") or {}).get("rules") or []
+        codes = sorted(
+            int(v)
+            for r in rules
+            if r.get("action") == "FailJob" and (r.get("onExitCodes") or {}).get("operator") == "In"
+            for v in (r.get("onExitCodes") or {}).get("values") or []
+        )
+        if codes != want:
+            out.append(
+                f"replicatedJob {rj.get('name')}: podFailurePolicy must FailJob on exit codes {want} "
+                f"(rec.errors.FAIL_FAST_EXIT_CODES), got {codes}"
             )
     return out
 
@@ -576,6 +634,8 @@ GKE_RULES: dict[str, Callable[[dict], list[str]]] = {
     "slice-job": rule_slice_job,
     "host-network-dns": rule_host_network,
     "exclusive-placement": rule_exclusive_placement,
+    "host-network-identity": rule_host_network_identity,
+    "exit-codes": rule_exit_codes,
     "name-length": rule_names,
     "env": rule_env,
     "gcsfuse": rule_gcsfuse,

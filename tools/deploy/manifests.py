@@ -25,14 +25,24 @@ import os
 import pathlib
 from typing import Any
 
-from rec.errors import RecError
-from tools.deploy.values import ROOT, DatasetValues, EnvValues, GrpoValues, read_text, rollout_flag
+from rec.errors import FAIL_FAST_EXIT_CODES, RecError
+from tools.deploy.values import (
+    ROLLOUT_VARS,
+    ROOT,
+    DatasetValues,
+    EnvValues,
+    GrpoValues,
+    read_text,
+    rollout_flag,
+)
 
 TEMPLATES_DIR = ROOT / "k8s" / "templates"
 RENDERED_DIR = ROOT / "k8s" / "rendered"
 
 # Slice shapes (reference/gke-tpu.md 1.1): hosts = VMs = pods, chips per host, topology label.
-V6E_16 = {"hosts": 4, "chips": 4, "topology": "4x4", "instance_type": "", "host_network": True}
+# hostNetwork stays off for one slice (its hosts talk over ICI); env value tpu_host_network turns it on
+# for the multi-host shapes, for multislice (DCN) only.
+V6E_16 = {"hosts": 4, "chips": 4, "topology": "4x4", "instance_type": "", "host_network": False}
 V6E_8 = {
     "hosts": 1,
     "chips": 8,
@@ -45,7 +55,6 @@ DATA_MOUNT = "/data"
 # Read-only dataset mount: listing without placeholder objects, caches that never expire (the data
 # do not change during a run) and parallel downloads into the file cache.
 FUSE_MOUNT_OPTIONS = "implicit-dirs,metadata-cache:ttl-secs:-1,file-cache:max-size-mb:-1,file-cache:enable-parallel-downloads:true"
-ROLLOUT_VARS = ("ROLLOUT_FAST_GENERATE", "ROLLOUT_FAST_QWEN2_DECODE_ATTENTION")
 HEADER = "# Rendered by tools/render.py from {template} (env={env}). Do not edit: change k8s/values or k8s/templates and run `make render`.\n"
 
 
@@ -218,6 +227,8 @@ def _tpu_context(
     extra_env: dict | None = None,
     sync_wave: int = 0,
 ) -> dict:
+    if slice_shape["hosts"] > 1:
+        slice_shape = {**slice_shape, "host_network": env.tpu_host_network}
     return {
         "name": name,
         "namespace": env.namespace,
@@ -238,6 +249,10 @@ def _tpu_context(
         "grace": env.termination_grace_period_seconds,
         "run_as_root": env.tpu_run_as_root,
         "privileged": env.privileged,
+        "node_identity": env.tpu_host_network_node_identity,
+        "priority_class": env.priority_class,
+        "queue_name": env.kueue_queue,
+        "fail_fast_exit_codes": list(FAIL_FAST_EXIT_CODES),
     }
 
 

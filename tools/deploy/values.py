@@ -246,6 +246,10 @@ class EnvValues:
     tpu_run_as_root: bool
     privileged: bool
     fuse_host_network_pod_ksa: bool
+    tpu_host_network: bool
+    tpu_host_network_node_identity: bool
+    priority_class: str
+    kueue_queue: str
     argocd_namespace: str
     repo_url: str
     target_revision: str
@@ -296,6 +300,10 @@ _ENV_RULES = {
     "tpu_run_as_root": check_bool,
     "privileged": check_bool,
     "fuse_host_network_pod_ksa": check_bool,
+    "tpu_host_network": check_bool,
+    "tpu_host_network_node_identity": check_bool,
+    "priority_class": lambda v, w: "" if v in ("", None) else check_dns_subdomain(v, w),
+    "kueue_queue": lambda v, w: "" if v in ("", None) else check_dns_subdomain(v, w),
     "argocd_namespace": check_dns_label,
     "repo_url": check_url,
     "target_revision": check_git_ref,
@@ -378,6 +386,13 @@ def _values_file(kind: str, name: str, where: str, values_dir: pathlib.Path) -> 
 def load_env(name: str, values_dir: pathlib.Path = VALUES_DIR) -> EnvValues:
     path = _values_file("env", name, "--env", values_dir)
     checked = validate_mapping(_read_mapping(path), _ENV_RULES, _rel(path))
+    if checked["tpu_host_network"] and not checked["tpu_host_network_node_identity"]:
+        raise RecError(
+            f"{_rel(path)}: 'tpu_host_network' = true: with host networking Workload Identity does not "
+            "reach the rec container, whose own gs:// reads and writes then use the node's service account; "
+            "keep it false for one slice, or grant that account the bucket on purpose and set "
+            "'tpu_host_network_node_identity: true' (docs/DEPLOY.md, identity)"
+        )
     return EnvValues(**checked, name=name)
 
 
@@ -495,6 +510,10 @@ def _rel(path: pathlib.Path) -> str:
         return str(path.resolve().relative_to(ROOT))
     except ValueError:
         return str(path)
+
+
+# GRPO rollout fast-path switches, rendered into the GRPO pod's environment (see rollout_flag).
+ROLLOUT_VARS = ("ROLLOUT_FAST_GENERATE", "ROLLOUT_FAST_QWEN2_DECODE_ATTENTION")
 
 
 def rollout_flag(name: str, environ: dict) -> str:

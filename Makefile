@@ -74,6 +74,9 @@ pipeline: $(VENV)/.ok ## sft -> rl -> upload -> eval, stopping at the first fail
 grpo: $(VENV)/.ok ## GSM8K GRPO on GKE (rollout fast paths on unless ROLLOUT_FAST_*=0)
 	$(PY) tools/render.py grpo $(DEPLOY_ARGS) $(CLUSTER_ARGS)
 
+preflight: $(VENV)/.ok ## check the cluster: reachable, JobSet controller >= v0.10.0 (train/pipeline do this too)
+	$(PY) tools/render.py preflight $(DEPLOY_ARGS)
+
 status: $(VENV)/.ok ## state of DATASET's JobSets/Job and GRPO's JobSet
 	$(PY) tools/render.py status $(DEPLOY_ARGS) --dataset $(DATASET) $(if $(DRY_RUN),--dry-run)
 
@@ -86,4 +89,4 @@ image: $(if $(IMAGE),,$(VENV)/.ok) ## build the container image with docker or b
 clean: ## remove runs/ (rendered manifests are committed: re-create them with make render)
 	rm -rf runs
 
-.PHONY: help venv demo test test-fast lint bench bench-data bench-device render validate train upload eval pipeline grpo status logs image clean
+.PHONY: help venv demo test test-fast lint bench bench-data bench-device render validate preflight train upload eval pipeline grpo status logs image clean

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from rec import storage
 from rec.errors import RecError
+from rec.storage.outputs import mark_completed
 
 MARKER = ".rec-demo"
 # Inside the package (rec/configs links to the checkout's configs/), so an installed wheel has them.
@@ -102,6 +103,7 @@ def run_demo(out: str = "runs/demo", rl: bool = True, quick: bool = False) -> st
                                  f"train.steps={settings['sft_steps']}", "data.tasks=[sid_next]",
                                  # the plateau above would trip early stopping; sft_best still picks by val loss
                                  "train.early_stopping_patience=0"]))
+    mark_completed(sft_dir, "sft")  # as `rec sft` does: `rec rl model.path=<this run>` accepts it
 
     if rl:
         from rec.train.rl import run_rl
@@ -110,6 +112,7 @@ def run_demo(out: str = "runs/demo", rl: bool = True, quick: bool = False) -> st
         _banner(stage, total, f"RL (GRPO with constrained-beam rollouts, {settings['rl_steps']} steps) -> {rl_dir}")
         run_rl(_config("rl.yaml", [*common, f"model.path={sft_dir}", "model.checkpoint=sft_best",
                                    f"run.dir={rl_dir}", f"train.steps={settings['rl_steps']}"]))
+        mark_completed(rl_dir, "rl")
 
     stage += 1
     evaluated = [("SFT (sft_best)", sft_dir, "sft_best")] + ([("RL (rl_last)", rl_dir, "rl_last")] if rl else [])

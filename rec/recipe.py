@@ -30,6 +30,7 @@ import yaml
 from rec import storage
 from rec.config import load_config
 from rec.errors import RecError
+from rec.storage.outputs import mark_completed
 
 RECIPES = ("small-cpu",)
 
@@ -290,9 +291,11 @@ def run_recipe(name: str, data_dir: str, out: str, seed: int = 42, overrides=Non
     _banner(2, total, f"SFT {sft_cfg.model.shape} model from scratch, tasks {sft_cfg.data.tasks}, "
                       f"{sft_cfg.train.steps} steps -> {sft_cfg.run.dir}")
     timed("sft_s", run_sft, sft_cfg)
+    mark_completed(sft_cfg.run.dir, "sft")
     _banner(3, total, f"RL from sft_best, {rl_cfg.train.steps} steps x {rl_cfg.train.batch_size} prompts x "
                       f"{rl_cfg.rl.generations} beams, beta {rl_cfg.rl.beta} -> {rl_cfg.run.dir}")
     timed("rl_s", run_rl, rl_cfg)
+    mark_completed(rl_cfg.run.dir, "rl")
     _banner(4, total, f"evaluate SFT (sft_best) and RL ({eval_cfg.model.checkpoint}) on every "
                       f"{eval_cfg.data.split} row, {eval_cfg.eval.beams} beams")
     sft_eval = dataclasses.replace(eval_cfg, run=dataclasses.replace(eval_cfg.run, dir=sft_cfg.run.dir),

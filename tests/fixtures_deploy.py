@@ -13,12 +13,14 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import pathlib
 import socket
 import subprocess
 import threading
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -109,7 +111,17 @@ class FakeKube:
         self.logs: dict[str, str] = {}  # pod name -> its log text
         self.created: list[str] = []  # names in creation order
         self.requests: list[tuple[str, str]] = []
+        self.crds: dict[str, dict] = {}  # name -> CustomResourceDefinition (default: the real JobSet CRD)
+        self.failures: list[int] = []  # HTTP codes the next GETs answer with (0: reset the connection)
+        # Called with the object when a GET first shows it Completed: by default it writes the
+        # outputs the real step would (write_outputs), so `make pipeline` sees the step done.
+        self.on_complete: Callable[[dict], None] | None = write_outputs
+        self._completed: set[str] = set()
         self.lock = threading.Lock()
+        if JOBSET_CRD_FILE.is_file():
+            self.crds["jobsets.jobset.x-k8s.io"] = _load_yaml(JOBSET_CRD_FILE)
+        else:  # a clone without ../shared: the one field the version check reads
+            self.crds["jobsets.jobset.x-k8s.io"] = MINIMAL_JOBSET_CRD
 
     def script(self, name: str, *statuses: dict) -> None:
         """After `name` is created, each GET returns the next status (the last one repeats)."""
@@ -119,10 +131,98 @@ class FakeKube:
         self.objects[(plural, namespace, obj["metadata"]["name"])] = obj
 
     def _next_status(self, obj: dict) -> dict:
-        script = self.status_scripts.get(obj["metadata"]["name"])
+        name = obj["metadata"]["name"]
+        script = self.status_scripts.get(name)
         if script:
             obj["status"] = script.pop(0) if len(script) > 1 else script[0]
+            status = obj["status"]
+            done = status.get("terminalState") == "Completed" or any(
+                c.get("type") == "Complete" and c.get("status") == "True" for c in status.get("conditions") or []
+            )
+            if done and name not in self._completed and self.on_complete is not None:
+                self._completed.add(name)
+                self.on_complete(obj)
         return obj
+
+
+JOBSET_CRD_FILE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "k8s" / "jobset.x-k8s.io_jobsets.yaml"
+_RULE_FIELDS = {"name": {"type": "string"}, "onJobFailureMessagePatterns": {"type": "array"}}
+MINIMAL_JOBSET_CRD = {
+    "kind": "CustomResourceDefinition",
+    "metadata": {"name": "jobsets.jobset.x-k8s.io"},
+    "spec": {"versions": [{"name": "v1alpha2", "schema": {"openAPIV3Schema": {"properties": {"spec": {"properties": {
+        "failurePolicy": {"properties": {"rules": {"items": {"properties": _RULE_FIELDS}}}}}}}}}}]},
+}
+
+
+def _container(doc: dict) -> dict:
+    spec = doc["spec"]
+    if doc["kind"] == "JobSet":
+        spec = spec["replicatedJobs"][0]["template"]["spec"]
+    return spec["template"]["spec"]["containers"][0]
+
+
+def fake_handoff(prefix: str, tag: str = "rl_last") -> None:
+    """A handoff that verifies: one checkpoint object and a MANIFEST.json listing it."""
+    from rec import storage
+    from rec.storage import handoff
+
+    storage.write_bytes(f"{prefix}/checkpoints/{tag}/1/params", b"weights")
+    objects = [
+        {"path": rel, "size": obj.size, "crc32c": obj.crc32c}
+        for rel, obj in sorted(handoff._Prefix(prefix).list().items())
+    ]
+    manifest = {"format": handoff.FORMAT, "checkpoint": f"checkpoints/{tag}/1", "objects": objects}
+    storage.write_text(handoff.manifest_path(prefix), json.dumps(manifest))
+
+
+def write_outputs(doc: dict) -> None:
+    """What the step of `doc` leaves in the bucket when it succeeds, read off its own arguments:
+    COMPLETED.json in run.dir (sft/rl/grpo), a verified handoff at --to (upload), an eval record
+    in REC_RUN_DIR (eval)."""
+    from rec import storage
+    from rec.storage.outputs import mark_completed
+
+    component = doc["metadata"]["labels"]["app.kubernetes.io/component"]
+    container = _container(doc)
+    args = [str(a) for a in container.get("args") or []]
+    env = {e["name"]: e.get("value") for e in container.get("env") or []}
+    if component in ("sft", "rl", "grpo"):
+        mark_completed(next(a.split("=", 1)[1] for a in args if a.startswith("run.dir=")), component)
+    elif component == "upload":
+        fake_handoff(args[args.index("--to") + 1], args[args.index("--tag") + 1])
+    elif component == "eval":
+        summary = {"eval/split": env["REC_SPLIT"], "eval/model": env["REC_HANDOFF"]}
+        storage.write_text(f"{env['REC_RUN_DIR']}/run_summary.json", json.dumps(summary))
+
+
+def _load_yaml(path: pathlib.Path) -> dict:
+    import yaml
+
+    return yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
+_STRICT: dict[int, object] = {}
+
+
+def _unknown_fields(crd: dict, body: dict) -> list[str]:
+    """What a real API server's Strict field validation refuses: fields the CRD's schema does not
+    declare (checked with the schema itself, made strict as tools.deploy.checks does)."""
+    import jsonschema
+
+    from tools.deploy.checks import _make_strict
+
+    key = id(crd)
+    if key not in _STRICT:
+        versions = {v["name"]: v for v in crd["spec"]["versions"]}
+        schema = _make_strict(versions["v1alpha2"]["schema"]["openAPIV3Schema"])
+        _STRICT[key] = jsonschema.Draft7Validator(schema)
+    found = []
+    for error in _STRICT[key].iter_errors(body):
+        if error.validator == "additionalProperties":
+            where = "." + ".".join(str(p) for p in error.absolute_path)
+            found.append(f'unknown field "{where.rstrip(".")}": {error.message}')
+    return found
 
 
 def _handler(state: FakeKube):
@@ -156,7 +256,7 @@ def _handler(state: FakeKube):
             return [p for p in url.path.split("/") if p], urllib.parse.parse_qs(url.query)
 
         def do_POST(self):  # noqa: N802 (http.server API)
-            parts, _ = self._parts()
+            parts, query = self._parts()
             with state.lock:
                 state.requests.append(("POST", self.path))
                 # /apis/<group>/<version>/namespaces/<ns>/<plural>
@@ -165,6 +265,11 @@ def _handler(state: FakeKube):
                     key = (parts[5], parts[4], body["metadata"]["name"])
                     if key in state.objects:
                         return self._status(409, "AlreadyExists", f'{parts[5]} "{key[2]}" already exists')
+                    crd = state.crds.get(f"{parts[5]}.{parts[1]}")
+                    if crd is not None and (query.get("fieldValidation") or [""])[0] == "Strict":
+                        unknown = _unknown_fields(crd, body)
+                        if unknown:
+                            return self._status(422, "Invalid", f'{parts[5]} "{key[2]}" is invalid: {"; ".join(unknown)}')
                     body.setdefault("status", {})
                     state.objects[key] = body
                     state.created.append(key[2])
@@ -175,6 +280,19 @@ def _handler(state: FakeKube):
             parts, query = self._parts()
             with state.lock:
                 state.requests.append(("GET", self.path))
+                if state.failures:
+                    code = state.failures.pop(0)
+                    if code == 0:  # a connection reset: close without answering
+                        self.close_connection = True
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                        return None
+                    return self._status(code, "ServiceUnavailable", f"injected HTTP {code}")
+                # /apis/apiextensions.k8s.io/v1/customresourcedefinitions/<name>
+                if parts[:4] == ["apis", "apiextensions.k8s.io", "v1", "customresourcedefinitions"] and len(parts) == 5:
+                    crd = state.crds.get(parts[4])
+                    if crd is None:
+                        return self._status(404, "NotFound", f'customresourcedefinitions "{parts[4]}" not found')
+                    return self._send(200, crd)
                 if len(parts) == 7 and parts[0] == "apis" and parts[3] == "namespaces":
                     obj = state.objects.get((parts[5], parts[4], parts[6]))
                     if obj is None:
@@ -214,9 +332,31 @@ def _handler(state: FakeKube):
     return Handler
 
 
+DEPLOY_BUCKET = "example-rec-artifacts"  # k8s/values/env/dev.yaml's bucket
+
+
 @pytest.fixture
-def fake_kube(tmp_path):
-    """(FakeKube state, kubeconfig path); the context is named "fake"."""
+def deploy_bucket(fake_gcs_server, monkeypatch):
+    """The dev values' bucket, empty, on the emulator: where the rendered steps' outputs live."""
+    from rec import storage
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", fake_gcs_server)
+    storage.reset_client()
+    client = storage.gcs_client()
+    bucket = client.bucket(DEPLOY_BUCKET)
+    if bucket.exists():
+        for blob in list(client.list_blobs(DEPLOY_BUCKET)):
+            blob.delete()
+    else:
+        client.create_bucket(DEPLOY_BUCKET)
+    yield DEPLOY_BUCKET
+    storage.reset_client()
+
+
+@pytest.fixture
+def fake_kube(tmp_path, deploy_bucket):
+    """(FakeKube state, kubeconfig path); the context is named "fake". Steps' outputs go to the
+    dev bucket on the GCS emulator."""
     state = FakeKube()
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
     thread = threading.Thread(target=server.serve_forever, daemon=True)

@@ -11,6 +11,7 @@ import pytest
 from rec.errors import RecError
 from tools import render
 from tools.deploy import kube
+from tests.fixtures_deploy import fake_handoff, write_outputs
 
 RUNNING_JS = {"replicatedJobsStatus": [{"name": "slice", "active": 1, "ready": 1}]}
 DONE_JS = {
@@ -79,9 +80,11 @@ def test_pipeline_runs_every_step_in_order(fake_kube, tmp_path, capsys):
         "eval-industrial-r1",
     ]
     posts = [path for method, path in state.requests if method == "POST"]
-    assert posts == ["/apis/jobset.x-k8s.io/v1alpha2/namespaces/rec/jobsets"] * 2 + [
-        "/apis/batch/v1/namespaces/rec/jobs",
-        "/apis/jobset.x-k8s.io/v1alpha2/namespaces/rec/jobsets",
+    # every create asks for server-side Strict field validation (unknown fields refused, not pruned)
+    strict = "?fieldValidation=Strict"
+    assert posts == [f"/apis/jobset.x-k8s.io/v1alpha2/namespaces/rec/jobsets{strict}"] * 2 + [
+        f"/apis/batch/v1/namespaces/rec/jobs{strict}",
+        f"/apis/jobset.x-k8s.io/v1alpha2/namespaces/rec/jobsets{strict}",
     ]
     # what was submitted is exactly the rendered, validated manifest
     sent = state.objects[("jobsets", "rec", "rl-industrial-r1")]
@@ -130,11 +133,12 @@ def test_rerun_skips_completed_steps_and_attaches_to_running_ones(fake_kube, tmp
 
     docs = manifests.read_rendered(tmp_path / "rendered/industrial/train.yaml")
     state.preload("jobsets", "rec", {**docs[0], "status": DONE_JS})
+    write_outputs(docs[0])  # the finished SFT left its COMPLETED.json
     state.preload("jobsets", "rec", {**docs[1], "status": RUNNING_JS})
     state.script("rl-industrial-r1", RUNNING_JS, DONE_JS)
     assert render.main(_argv("train", kubeconfig, tmp_path)) == 0
     out = capsys.readouterr().out
-    assert "sft: JobSet rec/sft-industrial-r1 already completed; skipping" in out
+    assert "sft: outputs at gs://example-rec-artifacts/runs/industrial/r1/sft are done; skipping" in out
     assert "rl: JobSet rec/rl-industrial-r1 is already Running; waiting for it" in out
     assert state.created == []
 
@@ -202,10 +206,10 @@ def test_dry_run_prints_the_plan_and_touches_nothing(tmp_path, capsys):
     assert render.main(argv) == 0
     out = capsys.readouterr().out.splitlines()
     assert out == [
-        "[1/4] sft: would create JobSet rec/sft-office-r1 from k8s/rendered/office/train.yaml, then wait up to 48h00m for it to complete",
-        "[2/4] rl: would create JobSet rec/rl-office-r1 from k8s/rendered/office/train.yaml, then wait up to 48h00m for it to complete",
-        "[3/4] upload: would create Job rec/upload-office-r1 from k8s/rendered/office/upload.yaml, then wait up to 2h00m for it to complete",
-        "[4/4] eval: would create JobSet rec/eval-office-r1 from k8s/rendered/office/eval.yaml, then wait up to 12h00m for it to complete",
+        "[1/4] sft: unless gs://example-rec-artifacts/runs/office/r1/sft is done, would create JobSet rec/sft-office-r1 from k8s/rendered/office/train.yaml, then wait up to 48h00m for it to complete",
+        "[2/4] rl: unless gs://example-rec-artifacts/runs/office/r1/rl is done, would create JobSet rec/rl-office-r1 from k8s/rendered/office/train.yaml, then wait up to 48h00m for it to complete",
+        "[3/4] upload: unless gs://example-rec-artifacts/handoff/office/r1/rl_last is done, would create Job rec/upload-office-r1 from k8s/rendered/office/upload.yaml, then wait up to 2h00m for it to complete",
+        "[4/4] eval: unless gs://example-rec-artifacts/runs/office/r1/eval is done, would create JobSet rec/eval-office-r1 from k8s/rendered/office/eval.yaml, then wait up to 12h00m for it to complete",
     ]
 
 
@@ -385,3 +389,165 @@ def test_logs_of_the_latest_submitted_step(fake_kube, tmp_path, capsys):
     ]
     assert render.main(_argv("logs", kubeconfig, tmp_path, "--step", "sft")) == 0
     assert "no pods (not started, or removed by the TTL" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# A step is done when its outputs are (issue: finished steps re-run after their objects expire)
+
+
+def test_finished_steps_are_not_rerun_after_their_objects_expired(fake_kube, tmp_path, capsys):
+    """The JobSets and the Job are gone (ttlSecondsAfterFinished), their outputs are not: `make
+    pipeline` must not put SFT and RL back on the slice."""
+    state, kubeconfig = fake_kube
+    render.main(["render", "--out", str(tmp_path / "rendered")])
+    from tools.deploy import manifests
+
+    for name in ("train", "upload", "eval"):
+        for doc in manifests.read_rendered(tmp_path / f"rendered/industrial/{name}.yaml"):
+            write_outputs(doc)
+    assert render.main(_argv("pipeline", kubeconfig, tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert state.created == [] and out.count("are done; skipping") == 4
+
+
+def test_a_step_is_skipped_only_when_its_own_outputs_are_done(fake_kube, tmp_path, capsys):
+    """SFT finished and expired; RL's run directory has checkpoints but no COMPLETED.json (it was
+    preempted for the last time): RL is submitted again, SFT is not."""
+    state, kubeconfig = fake_kube
+    render.main(["render", "--out", str(tmp_path / "rendered")])
+    from rec import storage
+    from tools.deploy import manifests
+
+    sft, _ = manifests.read_rendered(tmp_path / "rendered/industrial/train.yaml")
+    write_outputs(sft)
+    storage.write_text("gs://example-rec-artifacts/runs/industrial/r1/rl/checkpoints/rl_last/3/x", "partial")
+    state.script("rl-industrial-r1", RUNNING_JS, DONE_JS)
+    assert render.main(_argv("train", kubeconfig, tmp_path)) == 0
+    assert state.created == ["rl-industrial-r1"]
+
+
+def test_a_completed_object_without_its_outputs_stops_the_pipeline(fake_kube, tmp_path, capsys):
+    state, kubeconfig = fake_kube
+    state.on_complete = None  # the step "succeeds" but writes nothing
+    state.script("sft-industrial-r1", RUNNING_JS, DONE_JS)
+    assert render.main(_argv("train", kubeconfig, tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert "step 'sft' failed" in err and "completed, but gs://example-rec-artifacts/runs/industrial/r1/sft: no COMPLETED.json" in err
+    assert state.created == ["sft-industrial-r1"]
+
+
+def test_a_handoff_that_does_not_verify_is_an_error_not_a_rerun(fake_kube, tmp_path, capsys):
+    state, kubeconfig = fake_kube
+    prefix = "gs://example-rec-artifacts/handoff/industrial/r1/rl_last"
+    fake_handoff(prefix)
+    from rec import storage
+
+    storage.write_text(f"{prefix}/checkpoints/rl_last/1/params", "changed after publishing")
+    assert render.main(_argv("upload", kubeconfig, tmp_path)) == 2
+    assert "handoff does not verify" in capsys.readouterr().err and state.created == []
+
+
+def test_submit_skips_a_step_whose_outputs_are_done(fake_kube, tmp_path, capsys):
+    state, kubeconfig = fake_kube
+    from rec.storage.outputs import mark_completed
+
+    mark_completed("gs://example-rec-artifacts/runs/grpo-gsm8k/r1", "grpo")
+    assert render.main(_argv("submit", kubeconfig, tmp_path, "--step", "grpo")) == 0
+    assert "outputs at gs://example-rec-artifacts/runs/grpo-gsm8k/r1 are done; nothing to submit" in capsys.readouterr().out
+    assert state.created == []
+
+
+# ---------------------------------------------------------------------------------------------
+# The JobSet controller's version (issue: an older controller silently changes the failure policy)
+
+
+def _old_jobset_crd() -> dict:
+    """The JobSet CRD as a controller before v0.10.0 serves it: no onJobFailureMessagePatterns."""
+    import copy
+
+    from tests.fixtures_deploy import JOBSET_CRD_FILE, MINIMAL_JOBSET_CRD, _load_yaml
+
+    crd = copy.deepcopy(_load_yaml(JOBSET_CRD_FILE) if JOBSET_CRD_FILE.is_file() else MINIMAL_JOBSET_CRD)
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    rule = schema["properties"]["spec"]["properties"]["failurePolicy"]["properties"]["rules"]["items"]
+    del rule["properties"]["onJobFailureMessagePatterns"]
+    return crd
+
+
+def test_an_old_jobset_controller_is_refused_before_anything_is_created(fake_kube, tmp_path, capsys):
+    state, kubeconfig = fake_kube
+    state.crds["jobsets.jobset.x-k8s.io"] = _old_jobset_crd()
+    for action in (["train"], ["submit", "--step", "sft"], ["preflight"]):
+        assert render.main(_argv(action[0], kubeconfig, tmp_path, *action[1:])) == 2, action
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("error: the cluster's JobSet controller is older than v0.10.0"), err
+        assert "onJobFailureMessagePatterns" in err and "jobset/releases/download" in err
+    assert state.created == []
+
+
+def test_no_jobset_controller_is_one_line(fake_kube, tmp_path, capsys):
+    state, kubeconfig = fake_kube
+    state.crds.clear()
+    assert render.main(_argv("preflight", kubeconfig, tmp_path)) == 2
+    assert "error: the JobSet controller is not installed" in capsys.readouterr().err
+
+
+def test_preflight_passes_on_a_current_controller(fake_kube, tmp_path, capsys):
+    _, kubeconfig = fake_kube
+    assert render.main(_argv("preflight", kubeconfig, tmp_path)) == 0
+    assert capsys.readouterr().out.startswith("ok: fake: JobSet controller >= v0.10.0")
+
+
+def test_strict_field_validation_refuses_what_an_old_crd_would_prune(fake_kube, tmp_path, capsys):
+    """Even past the version check (a user who may not read CRDs), the create is Strict: the
+    server refuses the unknown field instead of dropping it with a warning."""
+    state, kubeconfig = fake_kube
+    render.main(["render", "--out", str(tmp_path / "rendered")])
+    from tools.deploy import manifests
+
+    client = kube.KubeClient(context="fake", kubeconfig=kubeconfig)
+    state.crds["jobsets.jobset.x-k8s.io"] = _old_jobset_crd()
+    sft, _ = manifests.read_rendered(tmp_path / "rendered/industrial/train.yaml")
+    with pytest.raises(RecError, match="HTTP 422.*onJobFailureMessagePatterns"):
+        client.create(sft)
+    assert state.created == []
+
+
+def test_jobset_crd_problem_on_the_real_crd():
+    from tests.fixtures_deploy import JOBSET_CRD_FILE, _load_yaml
+
+    if not JOBSET_CRD_FILE.is_file():
+        pytest.skip("../shared/k8s/ not present")
+    assert kube.jobset_crd_problem(_load_yaml(JOBSET_CRD_FILE)) == ""
+    assert "older than v0.10.0" in kube.jobset_crd_problem(_old_jobset_crd())
+
+
+# ---------------------------------------------------------------------------------------------
+# Transient API errors (issue: one transient API error ends a 48-hour wait)
+
+
+@pytest.mark.parametrize("failures", [[503], [429, 500, 502], [0], [0, 503, 0, 504]])
+def test_wait_retries_transient_api_errors(fake_kube, tmp_path, capsys, failures):
+    state, kubeconfig = fake_kube
+    assert render.main(_argv("submit", kubeconfig, tmp_path, "--step", "grpo")) == 0
+    state.script("grpo-gsm8k-r1", RUNNING_JS, RUNNING_JS, DONE_JS)
+    state.failures = list(failures)
+    assert render.main(_argv("wait", kubeconfig, tmp_path, "--step", "grpo")) == 0
+    assert "grpo-gsm8k-r1: Completed" in capsys.readouterr().out and not state.failures
+
+
+def test_wait_gives_up_on_api_errors_only_at_its_timeout(fake_kube, tmp_path, capsys):
+    state, kubeconfig = fake_kube
+    assert render.main(_argv("submit", kubeconfig, tmp_path, "--step", "grpo")) == 0
+    state.failures = [503] * 100000
+    assert render.main(_argv("wait", kubeconfig, tmp_path, "--step", "grpo", "--timeout", "0.5")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "gave up after" in err and "(timeout)" in err and "HTTP 503" in err
+
+
+def test_a_real_api_error_still_stops_the_wait(fake_kube, tmp_path, capsys):
+    state, kubeconfig = fake_kube
+    assert render.main(_argv("submit", kubeconfig, tmp_path, "--step", "grpo")) == 0
+    state.failures = [403]
+    assert render.main(_argv("wait", kubeconfig, tmp_path, "--step", "grpo")) == 2
+    assert "HTTP 403" in capsys.readouterr().err

@@ -4,7 +4,8 @@
   render    k8s/values + k8s/templates -> k8s/rendered/<dataset>/{train,upload,eval,workflow}.yaml,
             k8s/rendered/grpo-gsm8k/train.yaml, argocd/application.yaml, cluster/setup.yaml (deterministic)
   validate  every rendered file: JobSet CRD schema (strict), batch/v1 (strict), GKE TPU rules
-  submit    create one step's object (no waiting);  wait: wait for one step
+  preflight check the cluster: reachable, JobSet controller new enough (>= v0.10.0)
+  submit    create one step's object (no waiting) unless its outputs are done;  wait: wait for one step
   status    state of every step of a dataset (and GRPO);  logs: last lines of each pod of a step
   train     render + validate + sft -> rl, waiting for each
   upload    render + validate + publish the trained checkpoint to the verified handoff
@@ -273,6 +274,8 @@ def cmd_run(args) -> None:
     _check_or_raise(paths, crd)
     selected = _select_steps(args.action, steps, dataset)
     client = None if args.dry_run else _client(args, env)
+    if client is not None:
+        kube.preflight(client, selected)
 
     def hint(step):
         return kube.logs_hint(step, args.context or env.context, env.cluster, env.project)
@@ -298,10 +301,14 @@ def cmd_submit(args) -> None:
     if args.dry_run:
         print(f"would create {step.kind} {step.namespace}/{step.object_name} from k8s/rendered/{step.file}")
         return
+    if not kube.outputs_pending(step):
+        print(f"{step.name}: outputs at {step.outputs[1]} are done; nothing to submit")
+        return
     client = _client(args, env)
     if client.get(step.kind, step.namespace, step.object_name) is not None:
         print(f"{step.kind} {step.namespace}/{step.object_name} already exists")
         return
+    kube.preflight(client, [step])
     client.create(step.doc)
     print(f"created {step.kind} {step.namespace}/{step.object_name}")
 
@@ -318,6 +325,13 @@ def cmd_wait(args) -> None:
             f"{step.kind} {step.namespace}/{step.object_name} failed ({state.message or 'no reason given'}); logs: {hint}"
         )
     print(f"{step.kind} {step.namespace}/{step.object_name}: {state.phase}")
+
+
+def cmd_preflight(args) -> None:
+    env, _, steps = render_all(args.env, args.dataset, args.run, pathlib.Path(args.out), write=False)
+    client = _client(args, env)
+    kube.preflight(client, [s for by_name in steps.values() for s in by_name.values()])
+    print(f"ok: {client.context or 'current context'}: JobSet controller >= {kube.MIN_JOBSET_VERSION} (CRD {kube.JOBSET_CRD})")
 
 
 def cmd_status(args) -> None:
@@ -432,6 +446,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", default="", choices=["", "sft", "rl", "upload", "eval", "grpo"])
     p.add_argument("--tail", type=int, default=100, help="lines per pod (default 100)")
     p.set_defaults(fn=cmd_logs)
+
+    p = sub.add_parser("preflight", help="check the cluster: reachable, JobSet controller new enough")
+    common(p)
+    cluster(p)
+    p.set_defaults(fn=cmd_preflight)
 
     p = sub.add_parser("status", help="state of the dataset's (and GRPO's) JobSets and Job")
     common(p)

@@ -46,18 +46,47 @@ def _load(args):
     return load_config(args.config, args.overrides)
 
 
+def _mark_completed(cfg, stage: str) -> None:
+    """COMPLETED.json, last: the stage returned normally (a preempted run raised instead)."""
+    from rec import dist
+    from rec.storage.outputs import mark_completed
+
+    if dist.is_primary():
+        mark_completed(cfg.run.dir, stage)
+
+
 def cmd_sft(args):
     cfg = _load(args)  # config errors before any heavy import
     from rec.train.sft import run_sft
 
     run_sft(cfg)
+    _mark_completed(cfg, "sft")
+
+
+def _require_finished_sft(cfg, allow_unfinished: bool) -> None:
+    """RL from a run directory (not a Hugging Face model or a handoff) needs that run finished: a
+    running SFT's sft_best is only its best so far."""
+    from rec import storage
+    from rec.storage.outputs import COMPLETED, completion
+
+    source = cfg.model.path
+    if allow_unfinished or not source or not storage.isdir(storage.join(source, "checkpoints")):
+        return
+    if completion(source) is None:
+        raise RecError(
+            f"model.path={source}: this SFT run has not finished (no {COMPLETED}), so its "
+            f"{cfg.model.checkpoint or 'checkpoint'} may be a best-so-far of a run still training; wait for "
+            "it (`rec outputs wait run ...`), or pass --allow-unfinished-sft to use it anyway"
+        )
 
 
 def cmd_rl(args):
     cfg = _load(args)  # config errors before any heavy import
+    _require_finished_sft(cfg, args.allow_unfinished_sft)
     from rec.train.rl import run_rl
 
     run_rl(cfg)
+    _mark_completed(cfg, "rl")
 
 
 def cmd_grpo(args):
@@ -65,6 +94,34 @@ def cmd_grpo(args):
     from rec.train.grpo import run_grpo
 
     run_grpo(cfg)
+    _mark_completed(cfg, "grpo")
+
+
+def cmd_outputs_check(args):
+    from rec.storage.outputs import not_done
+
+    reason = not_done(args.kind, args.path, args.split)
+    if reason:
+        print(reason, file=sys.stderr)
+    print("pending" if reason else "done")  # the only stdout line: the Argo Workflow reads it
+
+
+def cmd_outputs_wait(args):
+    from rec.storage.outputs import wait_done
+
+    wait_done(args.kind, args.path, _duration(args.timeout), poll=args.poll, split=args.split)
+    print(f"{args.path}: done")
+
+
+def _duration(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        value = float(text[:-1]) * units[text[-1]] if text and text[-1] in units else float(text)
+    except ValueError:
+        raise RecError(f"--timeout {text!r}: expected seconds or a duration like 30m, 48h") from None
+    if value <= 0:
+        raise RecError(f"--timeout {text!r}: must be positive")
+    return value
 
 
 def cmd_eval(args):
@@ -182,7 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     _config_command(sub, "sft", "Supervised fine-tuning on the MiniOneRec task mixture").set_defaults(fn=cmd_sft)
-    _config_command(sub, "rl", "Recommendation RL (GRPO with constrained-beam rollouts)").set_defaults(fn=cmd_rl)
+    p = _config_command(sub, "rl", "Recommendation RL (GRPO with constrained-beam rollouts)")
+    p.add_argument("--allow-unfinished-sft", action="store_true",
+                   help="start from an SFT run directory that has no COMPLETED.json yet")
+    p.set_defaults(fn=cmd_rl)
     _config_command(sub, "eval", "Constrained beam search eval: HR@K / NDCG@K").set_defaults(fn=cmd_eval)
     _config_command(sub, "grpo", "GRPO post-training on GSM8K").set_defaults(fn=cmd_grpo)
 
@@ -292,6 +352,21 @@ def build_parser() -> argparse.ArgumentParser:
     h = hsub.add_parser("verify", help="Check a handoff against its MANIFEST.json; print the checkpoint path")
     h.add_argument("prefix")
     h.set_defaults(fn=cmd_handoff_verify)
+
+    p = sub.add_parser("outputs", help="Whether a stage's outputs are finished (run dir, handoff, eval)")
+    osub = p.add_subparsers(dest="outputs_command", metavar="ACTION")
+    osub.required = True
+    for action, text, fn in (("check", "print done or pending", cmd_outputs_check),
+                             ("wait", "wait until done", cmd_outputs_wait)):
+        o = osub.add_parser(action, help=text)
+        o.add_argument("kind", choices=["run", "handoff", "eval"],
+                       help="run: COMPLETED.json; handoff: a verified MANIFEST.json; eval: run_summary.json")
+        o.add_argument("path", help="run directory, handoff prefix or eval run directory (local or gs://)")
+        o.add_argument("--split", default="", help="eval: the split that must have been evaluated")
+        if action == "wait":
+            o.add_argument("--timeout", default="48h", help="give up after this long (default 48h)")
+            o.add_argument("--poll", type=float, default=30.0, help="seconds between checks (default 30)")
+        o.set_defaults(fn=fn)
     return parser
 
 

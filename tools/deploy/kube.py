@@ -5,8 +5,12 @@ generic custom-objects path with plain dicts, so the client's typed models never
 manifest. State comes from the objects' status:
   JobSet: status.terminalState (Completed | Failed), else the Completed/Failed conditions;
   Job:    the Complete/Failed conditions.
-`run_steps` is the pipeline: each step is created (or found already there), waited for with
-progress, and the first failure stops everything with the reason and the commands that show logs.
+`run_steps` is the pipeline: a step whose outputs are already finished is skipped (whether or
+not its object still exists: objects expire with their TTL); otherwise its object is created (or
+found already there), waited for with progress, and the first failure stops everything with the
+reason and the commands that show logs. Objects are created with server-side field validation
+Strict, and `preflight` refuses a JobSet controller too old for the failure policy we render.
+Polling survives transient API errors (connection resets, 429, 5xx) with backoff.
 """
 
 from __future__ import annotations
@@ -27,6 +31,15 @@ POD_SELECTOR = {
     "Job": "batch.kubernetes.io/job-name",
 }
 TERMINAL = ("Completed", "Failed")
+TRANSIENT_HTTP = (408, 410, 429, 500, 502, 503, 504)
+JOBSET_CRD = "jobsets.jobset.x-k8s.io"
+# failurePolicy.rules[].onJobFailureMessagePatterns (our infrastructure-disruption rule) exists from
+# JobSet v0.10.0; an older CRD prunes it silently, and then every failure would restart forever.
+MIN_JOBSET_VERSION = "v0.10.0"
+JOBSET_INSTALL_HINT = (
+    "kubectl apply --server-side -f "
+    "https://github.com/kubernetes-sigs/jobset/releases/download/v0.10.1/manifests.yaml (or newer)"
+)
 
 
 def _api_triplet(kind: str) -> tuple[str, str, str]:
@@ -59,6 +72,7 @@ class KubeClient:
         self._client_mod = client
         self.custom = client.CustomObjectsApi(api)
         self.core = client.CoreV1Api(api)
+        self.extensions = client.ApiextensionsV1Api(api)
         self.context = context
 
     def _call(self, what: str, fn, *args, _not_found_ok: bool = False, **kwargs):
@@ -69,12 +83,13 @@ class KubeClient:
         except ApiException as exc:
             if exc.status == 404 and _not_found_ok:
                 raise _NotFound() from None
-            raise _api_error(what, exc) from None
-        except OSError as exc:  # connection refused, DNS, TLS
-            raise RecError(f"{what}: cannot reach the Kubernetes API ({exc})") from None
+            error = _api_error(what, exc)
+            raise (TransientApiError(str(error)) if exc.status in TRANSIENT_HTTP else error) from None
+        except OSError as exc:  # connection refused or reset, DNS, TLS
+            raise TransientApiError(f"{what}: cannot reach the Kubernetes API ({exc})") from None
         except Exception as exc:  # urllib3 MaxRetryError and friends are not OSErrors
-            if type(exc).__module__.startswith("urllib3"):
-                raise RecError(f"{what}: cannot reach the Kubernetes API ({type(exc).__name__})") from None
+            if type(exc).__module__.startswith(("urllib3", "http.client")):
+                raise TransientApiError(f"{what}: cannot reach the Kubernetes API ({type(exc).__name__})") from None
             raise
 
     def create(self, doc: dict) -> dict:
@@ -88,7 +103,23 @@ class KubeClient:
             ns,
             plural,
             doc,
+            field_validation="Strict",  # unknown fields are refused, never pruned with a warning
         )
+
+    def crd(self, name: str) -> dict | None:
+        """The CustomResourceDefinition `name` as a dict (None if not installed)."""
+        try:
+            resp = self._call(
+                f"read CustomResourceDefinition {name}",
+                self.extensions.read_custom_resource_definition,
+                name,
+                _preload_content=False,
+                _not_found_ok=True,
+            )
+        except _NotFound:
+            return None
+        data = resp.data if hasattr(resp, "data") else resp.read()
+        return json.loads(data or b"{}")
 
     def get(self, kind: str, namespace: str, name: str) -> dict | None:
 
@@ -134,6 +165,49 @@ class KubeClient:
 
 class _NotFound(Exception):
     pass
+
+
+class TransientApiError(RecError):
+    """An API error that may pass by itself (connection reset, 429, 5xx): waiting retries it."""
+
+
+def jobset_crd_problem(crd: dict | None) -> str:
+    """'' if the installed JobSet CRD serves v1alpha2 with the failure-policy fields we render,
+    else one line saying what to install (pure: unit-tested on the real CRD file)."""
+    if crd is None:
+        return f"the JobSet controller is not installed (no CRD {JOBSET_CRD}); install JobSet >= {MIN_JOBSET_VERSION}: {JOBSET_INSTALL_HINT}"
+    versions = {v.get("name"): v for v in (crd.get("spec") or {}).get("versions") or []}
+    schema = ((versions.get("v1alpha2") or {}).get("schema") or {}).get("openAPIV3Schema") or {}
+    rule = schema
+    for key in ("spec", "failurePolicy", "rules"):
+        rule = ((rule.get("properties") or {}).get(key)) or {}
+    fields = (rule.get("items") or {}).get("properties") or {}
+    if "v1alpha2" not in versions:
+        return f"the cluster's JobSet CRD does not serve jobset.x-k8s.io/v1alpha2; install JobSet >= {MIN_JOBSET_VERSION}: {JOBSET_INSTALL_HINT}"
+    if "onJobFailureMessagePatterns" not in fields:
+        return (
+            f"the cluster's JobSet controller is older than {MIN_JOBSET_VERSION} (its CRD has no "
+            "failurePolicy.rules[].onJobFailureMessagePatterns, so preemptions could not be told from "
+            f"failures and every failure would restart without limit); upgrade: {JOBSET_INSTALL_HINT}"
+        )
+    return ""
+
+
+def preflight(client: KubeClient, steps: list[Step]) -> None:
+    """Refuse to create anything on a cluster whose JobSet controller cannot run our manifests. A
+    user who may not read CRDs (RBAC) is told so; the Strict create still catches a pruned field."""
+    if not any(step.kind == "JobSet" for step in steps):
+        return
+    try:
+        crd = client.crd(JOBSET_CRD)
+    except RecError as exc:
+        if "HTTP 403" not in str(exc):
+            raise
+        print(f"note: cannot read CRD {JOBSET_CRD} ({exc}); JobSet version not checked", file=sys.stderr)
+        return
+    problem = jobset_crd_problem(crd)
+    if problem:
+        raise RecError(problem)
 
 
 def _api_error(what: str, exc) -> RecError:
@@ -322,14 +396,24 @@ def wait_for(
         dynamic_ncols=True,
     )
     last = ""
+    failures = 0  # consecutive transient API errors
     try:
         while True:
-            state = state_of(step.kind, client.get(step.kind, step.namespace, step.object_name))
-            if state.phase == "NotFound":
-                raise RecError(f"{label} disappeared while waiting (deleted, or removed by its TTL)")
+            elapsed = clock() - start
+            try:
+                state, pods = _observe(client, step)
+            except TransientApiError as exc:
+                failures += 1
+                if elapsed >= timeout:
+                    raise RecError(f"{label}: gave up after {_fmt_duration(elapsed)} (timeout): {exc}") from None
+                bar.set_postfix_str(f"API error {failures}x, retrying: {exc}", refresh=True)
+                last = ""
+                # Backoff from the poll interval up to 5 minutes: a 48-hour wait outlives API restarts.
+                sleep(min(MAX_BACKOFF, poll * 2 ** min(failures - 1, 10), max(timeout - elapsed, 0.0)))
+                continue
+            failures = 0
             if state.terminal:
                 return state
-            pods = client.pods(step.namespace, selector_for(step))
             line = f"{state.phase}; pods: {pod_summary(pods)}"
             if state.restarts:
                 line += f"; restarts: {state.restarts}"
@@ -341,7 +425,6 @@ def wait_for(
             if line != last:
                 bar.set_postfix_str(line, refresh=True)
                 last = line
-            elapsed = clock() - start
             if elapsed >= timeout:
                 raise RecError(
                     f"{label}: still {state.phase} after {_fmt_duration(elapsed)} (timeout); it keeps running on the "
@@ -350,6 +433,41 @@ def wait_for(
             sleep(min(poll, max(timeout - elapsed, 0.0)))
     finally:
         bar.close()
+
+
+MAX_BACKOFF = 300.0
+
+
+def _observe(client: KubeClient, step: Step) -> tuple[State, list[dict]]:
+    label = f"{step.kind} {step.namespace}/{step.object_name}"
+    state = state_of(step.kind, client.get(step.kind, step.namespace, step.object_name))
+    if state.phase == "NotFound":
+        raise RecError(f"{label} disappeared while waiting (deleted, or removed by its TTL)")
+    if state.terminal:
+        return state, []
+    return state, client.pods(step.namespace, selector_for(step))
+
+
+def outputs_pending(step: Step) -> str:
+    """'' when the step's outputs are finished, else why not (rec.storage.outputs, through GCS)."""
+    kind, path, split = step.outputs
+    if not kind:
+        return "no outputs declared"
+    from rec.storage.outputs import not_done  # noqa: PLC0415 (needs the gcs extra)
+
+    try:
+        return not_done(kind, path, split)
+    except ImportError:
+        raise RecError(
+            f"checking {path} needs google-cloud-storage: pip install 'rec[deploy]'"
+        ) from None
+    except RecError:
+        raise
+    except Exception as exc:  # google.auth / google.api_core errors: one line with the fix
+        raise RecError(
+            f"cannot read {path} to see whether step '{step.name}' is done ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); check `gcloud auth application-default login`"
+        ) from None
 
 
 def run_steps(
@@ -363,47 +481,47 @@ def run_steps(
     log_hint: Callable[[Step], str] | None = None,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
+    pending: Callable[[Step], str] = outputs_pending,
 ) -> None:
-    """Create each step's object (or find it), wait for it, and stop at the first failure."""
+    """Skip each step whose outputs are done; else create its object (or adopt the one there),
+    wait for it, check that it left its outputs, and stop at the first failure."""
     total = len(steps)
     for i, step in enumerate(steps, 1):
         label = f"{step.kind} {step.namespace}/{step.object_name}"
+        where = f"[{i}/{total}] {step.name}"
         timeout = timeouts.get(step.name, timeouts.get("default", 48 * 3600))
         if dry_run:
             out(
-                f"[{i}/{total}] {step.name}: would create {label} from k8s/rendered/{step.file}, "
-                f"then wait up to {_fmt_duration(timeout)} for it to complete"
+                f"{where}: unless {step.outputs[1]} is done, would create {label} from "
+                f"k8s/rendered/{step.file}, then wait up to {_fmt_duration(timeout)} for it to complete"
             )
             continue
         assert client is not None
+        if not pending(step):
+            out(f"{where}: outputs at {step.outputs[1]} are done; skipping")
+            continue
         hint = log_hint(step) if log_hint else logs_hint(step, client.context)
         existing = client.get(step.kind, step.namespace, step.object_name)
         state = state_of(step.kind, existing)
-        if state.phase == "Completed":
-            out(f"[{i}/{total}] {step.name}: {label} already completed; skipping")
-            continue
-        if state.phase == "Failed":
-            _stop(
-                step,
-                label,
-                state,
-                client,
-                hint,
-                "it failed in an earlier attempt; delete it "
-                f"(kubectl delete {step.kind.lower()} -n {step.namespace} {step.object_name}) or use a new RUN name",
+        if state.phase in TERMINAL:
+            advice = (
+                f"it {'failed' if state.phase == 'Failed' else 'completed without its outputs'} in an earlier "
+                f"attempt; delete it (kubectl delete {step.kind.lower()} -n {step.namespace} {step.object_name}) "
+                "to run it again, or use a new RUN name"
             )
+            _stop(step, label, state, client, hint, advice)
         if existing is None:
             client.create(step.doc)
-            out(f"[{i}/{total}] {step.name}: created {label}")
+            out(f"{where}: created {label}")
         else:
-            out(f"[{i}/{total}] {step.name}: {label} is already {state.phase}; waiting for it")
+            out(f"{where}: {label} is already {state.phase}; waiting for it")
         state = wait_for(client, step, timeout, poll, progress=progress, clock=clock, sleep=sleep, hint=hint)
         if state.phase == "Failed":
             _stop(step, label, state, client, hint, "")
-        out(
-            f"[{i}/{total}] {step.name}: {label} completed"
-            + (f" after {state.restarts} restart(s)" if state.restarts else "")
-        )
+        missing = pending(step)
+        if missing:
+            _stop(step, label, State("Failed", state.restarts, f"completed, but {missing}"), client, hint, "")
+        out(f"{where}: {label} completed" + (f" after {state.restarts} restart(s)" if state.restarts else ""))
 
 
 def _stop(step: Step, label: str, state: State, client: KubeClient, hint: str, advice: str) -> None:

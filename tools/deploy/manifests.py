@@ -163,6 +163,8 @@ class Step:
     name: str  # sft | rl | upload | eval | grpo
     file: str  # rendered file it comes from
     doc: dict
+    # What the step leaves when it is done (rec.storage.outputs): (kind, path, eval split).
+    outputs: tuple[str, str, str] = ("", "", "")
 
     @property
     def kind(self) -> str:
@@ -356,10 +358,10 @@ def plan_dataset(env: EnvValues, ds: DatasetValues, run: str) -> tuple[list[Rend
         ),
     )
     steps = [
-        Step("sft", f"{ds.name}/train.yaml", sft[0]),
-        Step("rl", f"{ds.name}/train.yaml", rl[0]),
-        Step("upload", f"{ds.name}/upload.yaml", upload[0]),
-        Step("eval", f"{ds.name}/eval.yaml", evaluation[0]),
+        Step("sft", f"{ds.name}/train.yaml", sft[0], ("run", paths.sft, "")),
+        Step("rl", f"{ds.name}/train.yaml", rl[0], ("run", paths.rl, "")),
+        Step("upload", f"{ds.name}/upload.yaml", upload[0], ("handoff", paths.handoff, "")),
+        Step("eval", f"{ds.name}/eval.yaml", evaluation[0], ("eval", paths.eval, ds.eval_split)),
     ]
     workflow = render_template(
         "workflow.yaml.j2",
@@ -419,7 +421,7 @@ def plan_grpo(
     )
     directory = f"grpo-{grpo.name}"
     return [RenderedFile(f"{directory}/train.yaml", "tpu-jobset.yaml.j2", docs)], [
-        Step("grpo", f"{directory}/train.yaml", docs[0])
+        Step("grpo", f"{directory}/train.yaml", docs[0], ("run", run_dir, ""))
     ]
 
 

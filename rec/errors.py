@@ -22,7 +22,11 @@ EXIT_RESOURCE_EXHAUSTED = 3  # XLA RESOURCE_EXHAUSTED (device memory): same shap
 EXIT_CANNOT_EXECUTE = 126  # the image's command exists but cannot run -> fail
 EXIT_NOT_FOUND = 127  # the image's command does not exist (image/entrypoint.py) -> fail
 EXIT_PREEMPTED = 143  # SIGTERM: a checkpoint was saved first -> restart, resumes from it
-# What fails the JobSet at once. Everything else restarts it: 143 and crashes (1, 137 = SIGKILL)
+# `rec outputs wait --start-timeout`: the input is not there and nothing has started producing it
+# (RL applied beside SFT took the only free slice): give the slice back -> restart, bounded; the
+# older SFT pods are scheduled first meanwhile.
+EXIT_INPUT_NOT_STARTED = 75
+# What fails the JobSet at once. Everything else restarts it: 143, 75 and crashes (1, 137 = SIGKILL)
 # up to maxRestarts; node maintenance and preemption (pod condition DisruptionTarget) without limit.
 FAIL_FAST_EXIT_CODES = (EXIT_USER_ERROR, EXIT_RESOURCE_EXHAUSTED, EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND)
 
@@ -33,3 +37,7 @@ def resource_exhausted(exc: BaseException) -> str:
     if type(exc).__name__ not in ("XlaRuntimeError", "JaxRuntimeError") or "RESOURCE_EXHAUSTED" not in text:
         return ""
     return next((line.strip() for line in text.splitlines() if "RESOURCE_EXHAUSTED" in line), "")
+
+
+class InputNotStarted(RecError):
+    """The input a step waits for has not started to be produced (the CLI exits 75)."""

@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 
 from rec import checkpoint
+from rec.storage import outputs
 from rec.dist.launch import launch_local, process_env
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -170,6 +171,7 @@ def test_rl_two_processes_equal_one(tmp_path, synth_dataset_dir, synth_tokenizer
         for key in ("loss", "reward", "hit_rate", "kl"):
             assert abs(a[key] - b[key]) <= 1e-6, (key, a[key], b[key])
     _assert_same_state(one, two, "rl_last", 3, atol=PARAM_ATOL)
+    assert outputs.completion(str(two))["stage"] == outputs.completion(str(one))["stage"] == "rl"
 
 
 def test_eval_on_two_processes_writes_identical_bytes(tmp_path, synth_dataset_dir, synth_tokenizer_dir):
@@ -203,6 +205,7 @@ def test_sft_two_processes_checkpoint_straight_to_gcs(tmp_path, gcs_bucket, sft_
     assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(shards)
     summary = json.loads(storage.read_text(f"{run}/run_summary.json"))
     assert summary["train/processes"] == 2 and summary["train/steps"] == SFT_STEPS
+    assert outputs.completion(run)["stage"] == "sft"  # written last, once, to the bucket
 
 
 def test_sigterm_to_two_processes_saves_one_step_and_resumes(tmp_path, sft_reference, synth_dataset_dir,
@@ -228,9 +231,11 @@ def test_sigterm_to_two_processes_saves_one_step_and_resumes(tmp_path, sft_refer
     step = int(stopped[0].split("at step ")[1].split(";")[0])
     assert all(f"at step {step};" in line for line in stopped) and 2 <= step < SFT_STEPS
     assert checkpoint.latest_step(str(run), "sft_last") == step
+    assert outputs.completion(str(run)) is None  # preempted: not finished, `rec rl` would refuse it
 
     _launch(tmp_path, "preempted-again", 2, 2, _sft_args(run, synth_dataset_dir, synth_tokenizer_dir, every_steps=SFT_STEPS))
     _assert_same_state(sft_reference, run, "sft_last", SFT_STEPS, atol=PARAM_ATOL)
+    assert outputs.completion(str(run))["stage"] == "sft"
 
 
 def test_a_failure_on_process_0_alone_ends_the_run_at_once(tmp_path, synth_dataset_dir, synth_tokenizer_dir):

@@ -79,7 +79,8 @@ def test_train_jobset_v6e16_shape(rendered):
             "cloud.google.com/gke-tpu-accelerator": "tpu-v6e-slice",
             "cloud.google.com/gke-tpu-topology": "4x4",
         }
-        assert pod["hostNetwork"] is True and pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+        # one slice talks over ICI: pod network, so Workload Identity reaches the rec container
+        assert "hostNetwork" not in pod and "dnsPolicy" not in pod
         assert pod["containers"][0]["resources"]["limits"]["google.com/tpu"] == 4
         assert (
             js["metadata"]["annotations"]["alpha.jobset.sigs.k8s.io/exclusive-topology"]
@@ -391,7 +392,7 @@ BROKEN = [
         "host-network-dns",
         "industrial/train.yaml",
         "sft",
-        _set(_POD + ["dnsPolicy"], "ClusterFirst"),
+        _both(_set(_POD + ["hostNetwork"], True), _set(_POD + ["dnsPolicy"], "ClusterFirst")),
         "needs dnsPolicy: ClusterFirstWithHostNet",
     ),
     (
@@ -465,8 +466,57 @@ BROKEN = [
         "gcsfuse",
         "industrial/train.yaml",
         "sft",
-        _set(_POD + ["volumes", 1, "csi", "volumeAttributes", "hostNetworkPodKSA"], _DELETE),
+        _set(_POD + ["hostNetwork"], True),
         "hostNetworkPodKSA",
+    ),
+    (
+        "host-network-identity",
+        "industrial/train.yaml",
+        "sft",
+        _set(_POD + ["hostNetwork"], True),
+        "node's service account, not the pod's",
+    ),
+    (
+        "host-network-identity",
+        "industrial/eval.yaml",
+        "eval",
+        _set(_POD + ["hostNetwork"], True),  # eval's gs:// paths are in env values
+        "node's service account, not the pod's",
+    ),
+    (
+        "exit-codes",
+        "industrial/train.yaml",
+        "sft",
+        _set(_RJ + ["podFailurePolicy", "rules", 1, "onExitCodes", "values"], [2, 126, 127]),
+        "must FailJob on exit codes [2, 3, 126, 127]",
+    ),
+    (
+        "exclusive-placement",
+        "industrial/eval.yaml",
+        "eval",
+        _set(["metadata", "annotations", "alpha.jobset.sigs.k8s.io/exclusive-topology"], "cloud.google.com/gke-nodepool"),
+        "drop annotation",
+    ),
+    (
+        "waits-for-input",
+        "industrial/train.yaml",
+        "rl",
+        _set(_POD + ["initContainers"], _DELETE),
+        "rec outputs wait run gs://example-rec-artifacts/runs/industrial/r1/sft",
+    ),
+    (
+        "waits-for-input",
+        "industrial/upload.yaml",
+        "upload",
+        _set(["spec", "template", "spec", "initContainers", 0, "args", 4], "gs://elsewhere/rl"),
+        "rec outputs wait run gs://example-rec-artifacts/runs/industrial/r1/rl",
+    ),
+    (
+        "waits-for-input",
+        "industrial/eval.yaml",
+        "eval",
+        _set(_POD + ["initContainers"], _DELETE),
+        "rec outputs wait handoff gs://example-rec-artifacts/handoff/industrial/r1/rl_last",
     ),
     (
         "gcsfuse",
@@ -1050,3 +1100,88 @@ def test_validate_checks_configs_embedded_in_a_lone_workflow(checkout, tmp_path,
     (checkout / RL).unlink()
     assert render.main(["validate", str(out / "industrial/workflow.yaml")]) == 2
     assert "[run-config] config = 'configs/rl/industrial-v6e16.yaml': no such file" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Identity, exit codes, single-pod placement, optional scheduling values, kubectl-apply order
+
+
+def test_single_slice_jobsets_use_the_pod_network(rendered):
+    for path, component in (("industrial/train.yaml", "sft"), ("industrial/train.yaml", "rl"),
+                            ("grpo-gsm8k/train.yaml", "grpo"), ("industrial/eval.yaml", "eval")):
+        pod = _pod(_doc(rendered, path, component))
+        assert "hostNetwork" not in pod["spec"], (path, component)
+        assert "rec/gcs-identity" not in (pod["metadata"].get("annotations") or {})
+        attrs = pod["spec"]["volumes"][1]["csi"]["volumeAttributes"]
+        assert "hostNetworkPodKSA" not in attrs
+
+
+def test_host_network_needs_the_node_identity_granted_on_purpose(values_dir, tmp_path):
+    env = values_dir / "env" / "dev.yaml"
+    _edit(env, "tpu_host_network", True)
+    with pytest.raises(RecError, match="'tpu_host_network' = true: with host networking Workload Identity"):
+        render.render_all("dev", "industrial", None, tmp_path / "out", values_dir=values_dir, environ={})
+    _edit(env, "tpu_host_network_node_identity", True)
+    out = tmp_path / "out"
+    render.render_all("dev", "industrial", None, out, values_dir=values_dir, environ={})
+    sft = manifests.read_rendered(out / "industrial/train.yaml")[0]
+    pod = _pod(sft)
+    assert pod["spec"]["hostNetwork"] is True and pod["spec"]["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert pod["metadata"]["annotations"]["rec/gcs-identity"] == "node-service-account"
+    assert pod["spec"]["volumes"][1]["csi"]["volumeAttributes"]["hostNetworkPodKSA"] == "true"
+    assert "hostNetwork" not in _pod(manifests.read_rendered(out / "industrial/eval.yaml")[0])["spec"]
+    assert render.validate_files(sorted(out.rglob("*.yaml"))) == []
+
+
+def test_fail_fast_exit_codes_come_from_rec_errors(rendered):
+    from rec.errors import FAIL_FAST_EXIT_CODES
+
+    for path, component in (("industrial/train.yaml", "sft"), ("industrial/eval.yaml", "eval"),
+                            ("grpo-gsm8k/train.yaml", "grpo")):
+        job = _doc(rendered, path, component)["spec"]["replicatedJobs"][0]["template"]["spec"]
+        rec_rule = next(r for r in job["podFailurePolicy"]["rules"]
+                        if (r.get("onExitCodes") or {}).get("containerName") == "rec")
+        assert rec_rule["action"] == "FailJob" and rec_rule["onExitCodes"]["values"] == list(FAIL_FAST_EXIT_CODES)
+        assert 143 not in FAIL_FAST_EXIT_CODES and 75 not in FAIL_FAST_EXIT_CODES and 1 not in FAIL_FAST_EXIT_CODES
+
+
+def test_single_pod_eval_jobset_is_not_exclusive_per_node_pool(rendered):
+    js = _doc(rendered, "industrial/eval.yaml", "eval")
+    assert "alpha.jobset.sigs.k8s.io/exclusive-topology" not in js["metadata"]["annotations"]
+    sft = _doc(rendered, "industrial/train.yaml", "sft")
+    assert sft["metadata"]["annotations"]["alpha.jobset.sigs.k8s.io/exclusive-topology"] == "cloud.google.com/gke-nodepool"
+
+
+def test_priority_class_and_kueue_queue_are_optional(rendered, values_dir, tmp_path):
+    sft = _doc(rendered, "industrial/train.yaml", "sft")
+    assert "priorityClassName" not in _pod(sft)["spec"]
+    assert "kueue.x-k8s.io/queue-name" not in sft["metadata"]["labels"]
+    env = values_dir / "env" / "dev.yaml"
+    _edit(env, "priority_class", "medium")
+    _edit(env, "kueue_queue", "tpu-v6e-queue")
+    out = tmp_path / "out"
+    render.render_all("dev", "industrial", None, out, values_dir=values_dir, environ={})
+    for doc in manifests.read_rendered(out / "industrial/train.yaml"):
+        assert _pod(doc)["spec"]["priorityClassName"] == "medium"
+        assert doc["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "tpu-v6e-queue"
+    assert render.validate_files(sorted(out.rglob("*.yaml"))) == []
+    _edit(env, "kueue_queue", "Not A Queue")
+    with pytest.raises(RecError, match="'kueue_queue'"):
+        render.render_all("dev", "industrial", None, out, values_dir=values_dir, environ={})
+
+
+def test_each_later_step_waits_for_its_input_when_applied_together(rendered):
+    """kubectl apply -f k8s/rendered/industrial/ creates everything at once: each later step's
+    init container holds it until its input is finished."""
+    root = "gs://example-rec-artifacts"
+    expected = {
+        ("industrial/train.yaml", "rl"): ["run", f"{root}/runs/industrial/r1/sft", "--timeout", "48h",
+                                          "--start-timeout", "10m"],
+        ("industrial/upload.yaml", "upload"): ["run", f"{root}/runs/industrial/r1/rl", "--timeout", "96h"],
+        ("industrial/eval.yaml", "eval"): ["handoff", f"{root}/handoff/industrial/r1/rl_last", "--timeout", "120h"],
+    }
+    for (path, component), args in expected.items():
+        init = _pod(_doc(rendered, path, component))["spec"]["initContainers"]
+        assert [c["name"] for c in init] == ["wait-for-input"]
+        assert init[0]["args"] == ["rec", "outputs", "wait", *args]
+    assert "initContainers" not in _pod(_doc(rendered, "industrial/train.yaml", "sft"))["spec"]

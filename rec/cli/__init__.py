@@ -12,7 +12,13 @@ import errno
 import os
 import sys
 
-from rec.errors import EXIT_RESOURCE_EXHAUSTED, RecError, resource_exhausted
+from rec.errors import (
+    EXIT_INPUT_NOT_STARTED,
+    EXIT_RESOURCE_EXHAUSTED,
+    InputNotStarted,
+    RecError,
+    resource_exhausted,
+)
 
 
 def _int_at_least(low: int):
@@ -109,7 +115,9 @@ def cmd_outputs_check(args):
 def cmd_outputs_wait(args):
     from rec.storage.outputs import wait_done
 
-    wait_done(args.kind, args.path, _duration(args.timeout), poll=args.poll, split=args.split)
+    start_timeout = _duration(args.start_timeout) if args.start_timeout else 0.0
+    wait_done(args.kind, args.path, _duration(args.timeout), poll=args.poll, split=args.split,
+              start_timeout=start_timeout)
     print(f"{args.path}: done")
 
 
@@ -366,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
         if action == "wait":
             o.add_argument("--timeout", default="48h", help="give up after this long (default 48h)")
             o.add_argument("--poll", type=float, default=30.0, help="seconds between checks (default 30)")
+            o.add_argument("--start-timeout", default="",
+                           help="run: exit 75 if the run has not even started after this long (e.g. 10m)")
         o.set_defaults(fn=fn)
     return parser
 
@@ -396,6 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         code = args.fn(args)
+    except InputNotStarted as exc:
+        print(f"rec: {exc}", file=sys.stderr)
+        return EXIT_INPUT_NOT_STARTED
     except RecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return _failed(2)

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 
 from rec import storage
-from rec.errors import RecError
+from rec.errors import InputNotStarted, RecError
 from rec.storage import handoff
 
 COMPLETED = "COMPLETED.json"
@@ -68,16 +68,24 @@ def not_done(kind: str, path: str, split: str = "") -> str:
     raise RecError(f"outputs kind {kind!r}: expected one of {', '.join(KINDS)}")
 
 
+def started(path: str) -> bool:
+    """Whether a training run has begun writing `path` (process 0 writes config.yaml first)."""
+    return storage.exists(storage.join(path, "config.yaml"))
+
+
 def wait_done(
     kind: str,
     path: str,
     timeout: float,
     poll: float = 30.0,
     split: str = "",
+    start_timeout: float = 0.0,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> None:
-    """Block until `not_done` is empty; RecError after `timeout` seconds. Prints why it waits."""
+    """Block until `not_done` is empty; RecError after `timeout` seconds. With `start_timeout`
+    (kind run), InputNotStarted once that long has passed and the run has not even started: the
+    waiter may be holding the resources the producer needs. Prints why it waits."""
     start = clock()
     last = ""
     while True:
@@ -87,6 +95,12 @@ def wait_done(
         if reason != last:
             print(f"waiting: {reason}", file=sys.stderr, flush=True)
             last = reason
-        if clock() - start >= timeout:
-            raise RecError(f"{reason}; gave up after {timeout:.0f} s (is the step that writes it running?)")
+        waited = clock() - start
+        if waited >= timeout:
+            raise RecError(f"{reason}; gave up after {waited:.0f} s (is the step that writes it running?)")
+        if kind == "run" and start_timeout and waited >= start_timeout and not started(path):
+            raise InputNotStarted(
+                f"{path}: not started after {waited:.0f} s; giving the resources back so the step that "
+                "writes it can be scheduled (this step restarts and waits again)"
+            )
         sleep(poll)

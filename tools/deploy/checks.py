@@ -393,7 +393,9 @@ def rule_exit_codes(doc: dict) -> list[str]:
         codes = sorted(
             int(v)
             for r in rules
-            if r.get("action") == "FailJob" and (r.get("onExitCodes") or {}).get("operator") == "In"
+            if r.get("action") == "FailJob"
+            and (r.get("onExitCodes") or {}).get("operator") == "In"
+            and (r.get("onExitCodes") or {}).get("containerName") == "rec"
             for v in (r.get("onExitCodes") or {}).get("values") or []
         )
         if codes != want:
@@ -628,6 +630,42 @@ def rule_upload_job(doc: dict) -> list[str]:
     return out
 
 
+def _expected_input(doc: dict) -> tuple[str, str] | None:
+    """(kind, path) a step must wait for before it starts: RL its SFT run, the upload its RL run,
+    eval its handoff; None for the first steps."""
+    component = _component(doc)
+    for c in containers(doc):
+        args = [str(a) for a in c.get("args") or []]
+        if component == "rl":
+            paths = [a.split("=", 1)[1] for a in args if a.startswith("model.path=")]
+            return ("run", paths[0]) if paths else None
+        if component == "upload" and "--run" in args[:-1]:
+            return "run", args[args.index("--run") + 1]
+        if component == "eval":
+            return "handoff", str((_env(c).get("REC_HANDOFF") or {}).get("value", ""))
+    return None
+
+
+def rule_waits_for_input(doc: dict) -> list[str]:
+    """Applied all at once with kubectl apply, a step must not start before its input is finished:
+    an init container runs `rec outputs wait <kind> <its input>` first."""
+    expected = _expected_input(doc)
+    if expected is None or not expected[1].startswith("gs://"):
+        return []
+    out = []
+    for _, _, pod in _pod_templates(doc):
+        inits = (pod.get("spec") or {}).get("initContainers") or []
+        waits = [
+            [str(a) for a in c.get("args") or []] for c in inits if isinstance(c, dict)
+        ]
+        if not any(w[:5] == ["rec", "outputs", "wait", *expected] for w in waits):
+            out.append(
+                f"no init container runs `rec outputs wait {expected[0]} {expected[1]}`: applied beside the step "
+                "before it, this one would start from an unfinished input"
+            )
+    return out
+
+
 GKE_RULES: dict[str, Callable[[dict], list[str]]] = {
     "tpu-topology": rule_tpu_topology,
     "tpu-selectors": rule_tpu_selectors,
@@ -647,6 +685,7 @@ GKE_RULES: dict[str, Callable[[dict], list[str]]] = {
     "image": rule_image,
     "verified-handoff": rule_verified_handoff,
     "upload-job": rule_upload_job,
+    "waits-for-input": rule_waits_for_input,
 }
 
 

@@ -228,6 +228,7 @@ def _tpu_context(
     args: list[str],
     extra_env: dict | None = None,
     sync_wave: int = 0,
+    wait_for: dict | None = None,
 ) -> dict:
     if slice_shape["hosts"] > 1:
         slice_shape = {**slice_shape, "host_network": env.tpu_host_network}
@@ -255,7 +256,21 @@ def _tpu_context(
         "priority_class": env.priority_class,
         "queue_name": env.kueue_queue,
         "fail_fast_exit_codes": list(FAIL_FAST_EXIT_CODES),
+        "wait_for": wait_for,
     }
+
+
+# How long a step applied with plain `kubectl apply` waits for its input (rec outputs wait): RL for
+# SFT (and gives its slice back after 10 minutes if SFT has not even started: one free slice), the
+# upload for RL, eval for the handoff (through SFT, RL and the upload).
+WAIT_START_TIMEOUT = "10m"
+
+
+def wait_for_input(kind: str, path: str, timeout: str, start_timeout: str = "") -> dict:
+    args = ["rec", "outputs", "wait", kind, path, "--timeout", timeout]
+    if start_timeout:
+        args += ["--start-timeout", start_timeout]
+    return {"args": args}
 
 
 def plan_dataset(env: EnvValues, ds: DatasetValues, run: str) -> tuple[list[RenderedFile], list[Step]]:
@@ -303,6 +318,7 @@ def plan_dataset(env: EnvValues, ds: DatasetValues, run: str) -> tuple[list[Rend
                 f"data.dir={data_dir}",
             ],
             sync_wave=1,
+            wait_for=wait_for_input("run", paths.sft, "48h", WAIT_START_TIMEOUT),
         ),
     )
     upload = render_template(
@@ -326,6 +342,7 @@ def plan_dataset(env: EnvValues, ds: DatasetValues, run: str) -> tuple[list[Rend
             ],
             "service_account": env.service_account,
             "ttl": env.ttl_seconds_after_finished,
+            "wait_for": wait_for_input("run", paths.rl, "96h"),
         },
     )
     # The eval pod verifies the handoff's MANIFEST.json before loading anything from it. The shell
@@ -355,6 +372,7 @@ def plan_dataset(env: EnvValues, ds: DatasetValues, run: str) -> tuple[list[Rend
                 "REC_SPLIT": ds.eval_split,
             },
             sync_wave=3,
+            wait_for=wait_for_input("handoff", paths.handoff, "120h"),
         ),
     )
     steps = [

@@ -9,9 +9,9 @@ import socket
 import pytest
 
 from rec.errors import RecError
+from tests.fixtures_deploy import fake_handoff, write_outputs
 from tools import render
 from tools.deploy import kube
-from tests.fixtures_deploy import fake_handoff, write_outputs
 
 RUNNING_JS = {"replicatedJobsStatus": [{"name": "slice", "active": 1, "ready": 1}]}
 DONE_JS = {

@@ -27,8 +27,8 @@ import numpy as np
 import pytest
 
 from rec import checkpoint
-from rec.storage import outputs
 from rec.dist.launch import launch_local, process_env
+from rec.storage import outputs
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

@@ -9,7 +9,7 @@ import socket
 import pytest
 
 from rec.errors import RecError
-from tests.fixtures_deploy import fake_handoff, write_outputs
+from tests.fixtures_deploy import fake_handoff, run_workflow, write_outputs
 from tools import render
 from tools.deploy import kube
 
@@ -551,3 +551,77 @@ def test_a_real_api_error_still_stops_the_wait(fake_kube, tmp_path, capsys):
     state.failures = [403]
     assert render.main(_argv("wait", kubeconfig, tmp_path, "--step", "grpo")) == 2
     assert "HTTP 403" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# The Argo Workflow (issue: steps fail when their object already exists), run by a model of Argo
+
+
+def _workflow(tmp_path):
+    from tools.deploy import manifests
+
+    render.main(["render", "--out", str(tmp_path / "rendered")])
+    return manifests.read_rendered(tmp_path / "rendered/industrial/workflow.yaml")[0]
+
+
+def _script_all(state):
+    for name in ("sft-industrial-r1", "rl-industrial-r1", "eval-industrial-r1"):
+        state.script(name, RUNNING_JS, DONE_JS)
+    state.script("upload-industrial-r1", RUNNING_JOB, DONE_JOB)
+
+
+STEPS = ("sft", "rl", "upload", "eval")
+
+
+def test_workflow_twice_runs_each_step_once(fake_kube, tmp_path):
+    """Argo CD re-creates a deleted Workflow (or someone resubmits it): the second run finds every
+    output done and creates nothing."""
+    state, kubeconfig = fake_kube
+    _script_all(state)
+    client = kube.KubeClient(context="fake", kubeconfig=kubeconfig)
+    wf = _workflow(tmp_path)
+    first = run_workflow(wf, client)
+    assert [first[s] for s in STEPS] == ["Succeeded"] * 4
+    assert state.created == [f"{s}-industrial-r1" for s in STEPS]
+    state.objects.clear()  # the JobSets and the Job expired with their TTL
+    second = run_workflow(wf, client)
+    assert [second[s] for s in STEPS] == ["Skipped"] * 4 and all(second[f"{s}-done"] == "Succeeded" for s in STEPS)
+    assert state.created == [f"{s}-industrial-r1" for s in STEPS]
+
+
+def test_cli_first_then_workflow_adopts_and_skips(fake_kube, tmp_path, capsys):
+    """`make train` ran SFT to the end and left RL running; then the Workflow of the same RUN:
+    SFT is skipped (done), RL's object is adopted (no AlreadyExists) and waited for, the rest run."""
+    state, kubeconfig = fake_kube
+    state.script("sft-industrial-r1", RUNNING_JS, DONE_JS)
+    assert render.main(_argv("submit", kubeconfig, tmp_path, "--step", "sft")) == 0
+    assert render.main(_argv("wait", kubeconfig, tmp_path, "--step", "sft")) == 0
+    assert render.main(_argv("submit", kubeconfig, tmp_path, "--step", "rl")) == 0  # still running
+    state.script("rl-industrial-r1", RUNNING_JS, RUNNING_JS, DONE_JS)
+    state.script("eval-industrial-r1", RUNNING_JS, DONE_JS)
+    state.script("upload-industrial-r1", RUNNING_JOB, DONE_JOB)
+    phases = run_workflow(_workflow(tmp_path), kube.KubeClient(context="fake", kubeconfig=kubeconfig))
+    assert [phases[s] for s in STEPS] == ["Skipped", "Succeeded", "Succeeded", "Succeeded"]
+    assert state.created == [f"{s}-industrial-r1" for s in STEPS]  # each created exactly once
+
+
+def test_a_create_action_would_fail_on_an_existing_object(fake_kube, tmp_path):
+    """What the Workflow did before (`action: create`): the step fails on the CLI's object."""
+    state, kubeconfig = fake_kube
+    assert render.main(_argv("submit", kubeconfig, tmp_path, "--step", "sft")) == 0
+    wf = _workflow(tmp_path)
+    for template in wf["spec"]["templates"]:
+        if "resource" in template:
+            template["resource"]["action"] = "create"
+    phases = run_workflow(wf, kube.KubeClient(context="fake", kubeconfig=kubeconfig))
+    assert phases["sft"] == "Failed" and phases["rl-done"] == "Omitted"
+
+
+def test_workflow_stops_at_a_failed_step(fake_kube, tmp_path):
+    state, kubeconfig = fake_kube
+    state.script("sft-industrial-r1", RUNNING_JS, DONE_JS)
+    state.script("rl-industrial-r1", RUNNING_JS, FAILED_JS)
+    phases = run_workflow(_workflow(tmp_path), kube.KubeClient(context="fake", kubeconfig=kubeconfig))
+    assert phases["sft"] == "Succeeded" and phases["rl"] == "Failed"
+    assert phases["upload-done"] == phases["upload"] == "Omitted"
+    assert state.created == ["sft-industrial-r1", "rl-industrial-r1"]

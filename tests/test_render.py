@@ -205,16 +205,30 @@ def test_grpo_rollout_fast_paths_default_on_and_env_turns_them_off(tmp_path):
 def test_workflow_is_a_dag_of_the_same_objects(rendered):
     wf = rendered[1]["industrial/workflow.yaml"][0]
     dag = wf["spec"]["templates"][0]["dag"]["tasks"]
+    after = "{0}-done.Succeeded && ({0}.Succeeded || {0}.Skipped)"
     assert [(t["name"], t.get("depends")) for t in dag] == [
-        ("sft", None),
-        ("rl", "sft.Succeeded"),
-        ("upload", "rl.Succeeded"),
-        ("eval", "upload.Succeeded"),
+        ("sft-done", None),
+        ("sft", "sft-done.Succeeded"),
+        ("rl-done", after.format("sft")),
+        ("rl", "rl-done.Succeeded"),
+        ("upload-done", after.format("rl")),
+        ("upload", "upload-done.Succeeded"),
+        ("eval-done", after.format("upload")),
+        ("eval", "eval-done.Succeeded"),
     ]
+    for task in dag[1::2]:
+        assert task["when"] == f"{{{{tasks.{task['name']}-done.outputs.result}}}} != done"
+    checks_args = {t["name"]: [p["value"] for p in t["arguments"]["parameters"]] for t in dag[::2]}
+    assert checks_args["eval-done"] == ["eval", "gs://example-rec-artifacts/runs/industrial/r1/eval", "test"]
     templates = {t["name"]: t for t in wf["spec"]["templates"][1:]}
+    assert templates["outputs-check"]["serviceAccountName"] == "rec-runner"
+    assert templates["outputs-check"]["container"]["args"][:3] == ["rec", "outputs", "check"]
     assert yaml.safe_load(templates["rl"]["resource"]["manifest"]) == _doc(
         rendered, "industrial/train.yaml", "rl"
     )
+    for name in ("sft", "rl", "upload", "eval"):
+        assert templates[name]["resource"]["action"] == "apply"  # adopts an existing object
+        assert templates[name]["retryStrategy"]["retryPolicy"] == "OnError"
     assert templates["eval"]["resource"]["successCondition"] == "status.terminalState == Completed"
     assert templates["eval"]["resource"]["failureCondition"] == "status.terminalState == Failed"
     assert templates["upload"]["resource"]["failureCondition"] == "status.failed > 2"
@@ -650,15 +664,24 @@ def test_every_rule_has_a_broken_manifest_test():
 
 def test_workflow_and_argocd_checks(rendered):
     wf = copy.deepcopy(rendered[1]["industrial/workflow.yaml"][0])
+    assert checks.check_document(wf, None) == []
     wf["spec"]["templates"][0]["dag"]["tasks"][2]["depends"] = "train.Succeeded"
     wf["spec"]["templates"][2]["resource"].pop("failureCondition")
     problems = checks.check_document(wf, None)
     assert any("depends on unknown task 'train'" in p for p in problems)
     assert any("needs successCondition and failureCondition" in p for p in problems)
     wf = copy.deepcopy(rendered[1]["industrial/workflow.yaml"][0])
-    manifest = yaml.safe_load(wf["spec"]["templates"][1]["resource"]["manifest"])
+    wf["spec"]["templates"][2]["resource"]["action"] = "create"
+    wf["spec"]["templates"][3]["retryStrategy"]["retryPolicy"] = "Always"
+    del wf["spec"]["templates"][0]["dag"]["tasks"][5]["when"]
+    problems = checks.check_document(wf, None)
+    assert any("'sft': action must be apply" in p for p in problems)
+    assert any("'rl': needs retryStrategy.retryPolicy OnError" in p for p in problems)
+    assert any("task 'upload': must run only `when` task 'upload-done'" in p for p in problems)
+    wf = copy.deepcopy(rendered[1]["industrial/workflow.yaml"][0])
+    manifest = yaml.safe_load(wf["spec"]["templates"][2]["resource"]["manifest"])
     manifest["spec"]["replicatedJobs"][0]["template"]["spec"]["backoffLimit"] = 1
-    wf["spec"]["templates"][1]["resource"]["manifest"] = yaml.safe_dump(manifest)
+    wf["spec"]["templates"][2]["resource"]["manifest"] = yaml.safe_dump(manifest)
     assert any(
         p.startswith("embedded JobSet/sft-industrial-r1: [slice-job]")
         for p in checks.check_document(wf, None)
@@ -679,7 +702,12 @@ def test_cluster_setup_is_checked_as_builtin_kinds(rendered):
         "ServiceAccount",
         "Role",
         "RoleBinding",
+        "Role",
+        "RoleBinding",
     ]
+    # the pods' service account may only report task results, never create JobSets
+    assert docs[6]["subjects"][0]["name"] == docs[1]["metadata"]["name"]
+    assert [r["resources"] for r in docs[5]["rules"]] == [["workflowtaskresults"]]
     assert all(checks.check_document(d) == [] for d in docs)
     docs[3]["rules"][0]["verb"] = ["get"]
     assert any(p.startswith("[k8s-schema]") and "verb" in p for p in checks.check_document(docs[3]))
@@ -694,6 +722,9 @@ def test_cluster_setup_is_checked_as_builtin_kinds(rendered):
         for r in rule["resources"]
     }
     for template in wf["spec"]["templates"][1:]:
+        if "resource" not in template:
+            continue
+        assert {"get", "patch"} <= {v for rule in docs[3]["rules"] for v in rule["verbs"]}  # apply
         manifest = yaml.safe_load(template["resource"]["manifest"])
         group = manifest["apiVersion"].split("/")[0] if "/" in manifest["apiVersion"] else ""
         assert (group, manifest["kind"].lower() + "s") in allowed
@@ -1185,3 +1216,30 @@ def test_each_later_step_waits_for_its_input_when_applied_together(rendered):
         assert [c["name"] for c in init] == ["wait-for-input"]
         assert init[0]["args"] == ["rec", "outputs", "wait", *args]
     assert "initContainers" not in _pod(_doc(rendered, "industrial/train.yaml", "sft"))["spec"]
+
+
+ARGO_CRDS_PRESENT = all(path.is_file() for path, _, _ in checks.ARGO_CRDS.values())
+
+
+@pytest.mark.skipif(not ARGO_CRDS_PRESENT, reason="../shared/k8s/ Argo CRDs not present")
+@pytest.mark.parametrize(
+    "file,mutate,fragment",
+    [
+        ("industrial/workflow.yaml", _set(["spec", "templates", 2, "retryStrategy", "retryPolicyy"], "OnError"),
+         "[workflow-crd] spec.templates.2.retryStrategy: Additional properties are not allowed ('retryPolicyy'"),
+        ("industrial/workflow.yaml", _set(["spec", "podGC", "strategy"], "OnSuccess"),
+         "[workflow-crd] spec.podGC.strategy: 'OnSuccess' is not one of"),
+        ("industrial/workflow.yaml", _set(["spec", "templates", 0, "dag", "tasks", 0, "dependss"], "x"),
+         "[workflow-crd] spec.templates.0.dag.tasks.0: Additional properties are not allowed ('dependss'"),
+        ("argocd/application.yaml", _set(["spec", "syncPolicy", "automatedd"], {}),
+         "[application-crd] spec.syncPolicy: Additional properties are not allowed ('automatedd'"),
+        ("argocd/application.yaml", _set(["spec", "destination", "server"], 7),
+         "[application-crd] spec.destination.server: 7 is not of type 'string'"),
+    ],
+)
+def test_argo_objects_are_validated_strictly_against_their_crds(rendered, file, mutate, fragment):
+    doc = copy.deepcopy(rendered[1][file][0])
+    assert checks.check_document(doc, None) == []
+    mutate(doc)
+    problems = checks.check_document(doc, None)
+    assert any(fragment in p for p in problems), problems

@@ -256,8 +256,10 @@ def cmd_validate(args) -> None:
     if not paths:
         raise RecError(f"{args.out}: no rendered manifests (run `make render`)")
     _check_or_raise(paths, crd)
+    argo = all(path.is_file() for path, _, _ in checks.ARGO_CRDS.values())
     print(
-        f"ok: {len(paths)} file(s) valid (JobSet CRD schema{' ' if crd else ' skipped, '}strict, batch/v1 strict, "
+        f"ok: {len(paths)} file(s) valid (JobSet CRD schema{' ' if crd else ' skipped, '}strict, "
+        f"Argo Workflow/Application CRD schemas{' ' if argo else ' skipped, '}strict, batch/v1 strict, "
         f"{len(checks.GKE_RULES)} GKE TPU rules)"
     )
 

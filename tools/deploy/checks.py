@@ -21,7 +21,13 @@ from collections.abc import Callable
 from rec.errors import FAIL_FAST_EXIT_CODES, RecError
 from tools.deploy.values import ROLLOUT_VARS, ROOT, check_image, read_text
 
-CRD_PATH = ROOT.parent / "shared" / "k8s" / "jobset.x-k8s.io_jobsets.yaml"
+CRD_DIR = ROOT.parent / "shared" / "k8s"
+CRD_PATH = CRD_DIR / "jobset.x-k8s.io_jobsets.yaml"
+# The Argo CRDs the Workflow and the Application are checked against (full schemas), when present.
+ARGO_CRDS = {
+    "Workflow": (CRD_DIR / "argoproj.io_workflows.yaml", "workflows.argoproj.io", "v1alpha1"),
+    "Application": (CRD_DIR / "argoproj.io_applications.yaml", "applications.argoproj.io", "v1alpha1"),
+}
 K8S_VERSION = "1.33"  # GKE minor the Job schema is checked against
 
 TPU_RESOURCE = "google.com/tpu"
@@ -72,10 +78,10 @@ JOBSET_CRD_NAME = "jobsets.jobset.x-k8s.io"
 JOBSET_VERSION = "v1alpha2"
 
 
-@functools.lru_cache(maxsize=4)
-def crd_validator(crd_path: str):
-    """Strict validator of the JobSet CRD at `crd_path`; a file that is missing, unreadable, not
-    YAML or not the JobSet CRD (with a v1alpha2 openAPIV3Schema) is a one-line RecError."""
+@functools.lru_cache(maxsize=8)
+def crd_validator(crd_path: str, crd_name: str = JOBSET_CRD_NAME, version: str = JOBSET_VERSION):
+    """Strict validator of the CRD at `crd_path` (default: the JobSet CRD); a file that is missing,
+    unreadable, not YAML or not that CRD (with a `version` openAPIV3Schema) is a one-line RecError."""
     import jsonschema  # noqa: PLC0415 (deployment-only dependency)
     import yaml  # noqa: PLC0415
 
@@ -88,21 +94,21 @@ def crd_validator(crd_path: str):
         crd = yaml.load(text, Loader=loader)  # noqa: S506 (a safe loader)
     except yaml.YAMLError as exc:
         raise RecError(f"{crd_path}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
-    what = f"{crd_path}: not the JobSet CRD"
+    what = f"{crd_path}: not the {'JobSet' if crd_name == JOBSET_CRD_NAME else crd_name} CRD"
     if not isinstance(crd, dict) or crd.get("kind") != "CustomResourceDefinition":
         found = crd.get("kind") if isinstance(crd, dict) else type(crd).__name__
         raise RecError(f"{what} (expected kind: CustomResourceDefinition, found {found!r})")
     name = _get(crd, "metadata", "name")
-    if name != JOBSET_CRD_NAME:
-        raise RecError(f"{what} (metadata.name is {name!r}, expected {JOBSET_CRD_NAME!r})")
+    if name != crd_name:
+        raise RecError(f"{what} (metadata.name is {name!r}, expected {crd_name!r})")
     versions = _get(crd, "spec", "versions")
     if not isinstance(versions, list):
         raise RecError(f"{what}: spec.versions is missing")
     by_name = {v.get("name"): v for v in versions if isinstance(v, dict)}
-    schema = _get(by_name, JOBSET_VERSION, "schema", "openAPIV3Schema")
+    schema = _get(by_name, version, "schema", "openAPIV3Schema")
     if not isinstance(schema, dict):
         raise RecError(
-            f"{what}: no spec.versions[{JOBSET_VERSION}].schema.openAPIV3Schema "
+            f"{what}: no spec.versions[{version}].schema.openAPIV3Schema "
             f"(versions: {', '.join(map(str, by_name)) or 'none'})"
         )
     return jsonschema.Draft7Validator(_make_strict(schema))
@@ -118,6 +124,16 @@ def check_crd_schema(doc: dict, crd_path: pathlib.Path | None = CRD_PATH) -> lis
     validator = crd_validator(str(crd_path))
     errors = sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))
     return [f"[jobset-crd] {_path(e)}: {e.message}" for e in errors[:5]]
+
+
+def check_argo_schema(doc: dict, kind: str) -> list[str]:
+    """The Workflow or Application against its full Argo CRD schema, strict (skipped without it)."""
+    path, name, version = ARGO_CRDS[kind]
+    if not path.is_file():
+        return []
+    validator = crd_validator(str(path), name, version)
+    errors = sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))
+    return [f"[{kind.lower()}-crd] {_path(e)}: {e.message}" for e in errors[:5]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -722,8 +738,24 @@ def check_workflow(doc: dict, crd_path: pathlib.Path | None = CRD_PATH) -> tuple
         resource = (templates.get(task.get("template")) or {}).get("resource")
         if resource is None:
             continue
-        if resource.get("action") != "create":
-            out.append(f"[workflow] template {task.get('template')!r}: action must be create")
+        template = templates.get(task.get("template")) or {}
+        if resource.get("action") != "apply":
+            out.append(
+                f"[workflow] template {task.get('template')!r}: action must be apply (create fails on "
+                "AlreadyExists when a step is retried or the object was created by the CLI)"
+            )
+        policy = (template.get("retryStrategy") or {}).get("retryPolicy")
+        if policy not in ("OnError", "OnTransientError"):
+            out.append(
+                f"[workflow] template {task.get('template')!r}: needs retryStrategy.retryPolicy OnError "
+                f"(an evicted executor must not orphan the object; a failed step must not be re-run), got {policy!r}"
+            )
+        done = f"{task.get('name')}-done"
+        if done not in names or f"tasks.{done}.outputs.result" not in str(task.get("when", "")):
+            out.append(
+                f"[workflow] task {task.get('name')!r}: must run only `when` task {done!r} (rec outputs check) "
+                "did not print done, or a rerun repeats finished steps"
+            )
         if not resource.get("successCondition") or not resource.get("failureCondition"):
             out.append(
                 f"[workflow] template {task.get('template')!r}: needs successCondition and failureCondition"
@@ -785,6 +817,7 @@ def check_document(doc: dict, crd_path: pathlib.Path | None = CRD_PATH) -> list[
         problems += check_batch_job(doc)
         problems += check_gke_rules(doc)
     elif kind == "Workflow":
+        problems += check_argo_schema(doc, "Workflow")
         wf_problems, manifests = check_workflow(doc, crd_path)
         problems += wf_problems
         for manifest in manifests:
@@ -792,6 +825,7 @@ def check_document(doc: dict, crd_path: pathlib.Path | None = CRD_PATH) -> list[
                 f"embedded {object_label(manifest)}: {p}" for p in check_document(manifest, crd_path)
             ]
     elif kind == "Application":
+        problems += check_argo_schema(doc, "Application")
         problems += check_application(doc)
     elif kind in ("Namespace", "ServiceAccount", "Role", "RoleBinding", "ConfigMap"):
         problems += check_builtin(doc)

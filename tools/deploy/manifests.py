@@ -388,15 +388,9 @@ def plan_dataset(env: EnvValues, ds: DatasetValues, run: str) -> tuple[list[Rend
             "namespace": env.namespace,
             "labels": _labels("pipeline", ds.name, run),
             "service_account": env.workflow_service_account,
-            "steps": [
-                {
-                    "name": s.name,
-                    "manifest": dump_yaml(s.doc),
-                    "kind": s.kind,
-                    "depends": f"{steps[i - 1].name}.Succeeded" if i else "",
-                }
-                for i, s in enumerate(steps)
-            ],
+            "runner_service_account": env.service_account,
+            "image": env.image,
+            "steps": [_workflow_step(s, steps[i - 1] if i else None) for i, s in enumerate(steps)],
             "upload_backoff_limit": upload[0]["spec"]["backoffLimit"],
         },
     )
@@ -407,6 +401,24 @@ def plan_dataset(env: EnvValues, ds: DatasetValues, run: str) -> tuple[list[Rend
         RenderedFile(f"{ds.name}/workflow.yaml", "workflow.yaml.j2", workflow),
     ]
     return files, steps
+
+
+def _workflow_step(step: Step, previous: Step | None) -> dict:
+    """What the Workflow template needs of one step: its object, its outputs, and what it follows
+    (the previous step succeeded, or was skipped because its outputs were already done)."""
+    kind, path, split = step.outputs
+    after = ""
+    if previous is not None:
+        after = f"{previous.name}-done.Succeeded && ({previous.name}.Succeeded || {previous.name}.Skipped)"
+    return {
+        "name": step.name,
+        "kind": step.kind,
+        "manifest": dump_yaml(step.doc),
+        "after": after,
+        "outputs_kind": kind,
+        "outputs_path": path,
+        "outputs_split": split,
+    }
 
 
 def plan_grpo(

@@ -6,7 +6,8 @@ ended it).
 Why not `exec rec ...`: as PID 1, a Python process ignores SIGTERM unless it installs a handler, so
 a pod deletion or a preemption would wait out the grace period and end in SIGKILL (137). Here the
 child gets the signal, can finish a checkpoint, and its own exit code reaches Kubernetes, where the
-JobSet podFailurePolicy tells user errors (exit 2) from restartable failures.
+JobSet podFailurePolicy tells deterministic failures (exit 2, 3, 126, 127: the contract is in
+rec/errors.py; this file is standard library only and does not import it) from restartable ones.
 
 Why not a shell `trap` + `wait` loop (the first version): a signal that lands just as `wait` starts
 to block can stay unhandled until the child exits by itself; CI once lost a SIGTERM that way for

@@ -136,3 +136,32 @@ def test_cli_unusable_paths_are_one_line_errors(tmp_path, capsys):
     for argv, expected in cases:
         assert main(argv) == 2, argv
         assert capsys.readouterr().err.strip().splitlines()[-1] == expected
+
+
+def test_out_of_accelerator_memory_is_one_line_and_exit_3(monkeypatch, capsys):
+    """A real XLA RESOURCE_EXHAUSTED (an 8 TiB allocation on the CPU backend) ends the command
+    with one line and exit 3, which the JobSet fails at once instead of recreating the slice."""
+    import jax.numpy as jnp
+
+    import rec.cli
+    from rec.errors import EXIT_RESOURCE_EXHAUSTED, FAIL_FAST_EXIT_CODES
+
+    def allocate_too_much(args):
+        jnp.zeros((2**41,), jnp.float32).block_until_ready()
+
+    monkeypatch.setattr(rec.cli, "cmd_eval", allocate_too_much)
+    assert rec.cli.main(["eval"]) == EXIT_RESOURCE_EXHAUSTED == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: out of accelerator memory (RESOURCE_EXHAUSTED: Out of memory")
+    assert EXIT_RESOURCE_EXHAUSTED in FAIL_FAST_EXIT_CODES
+
+
+def test_other_runtime_errors_keep_their_traceback_and_exit_1(monkeypatch):
+    import rec.cli
+
+    def crash(args):
+        raise RuntimeError("INTERNAL: something else")
+
+    monkeypatch.setattr(rec.cli, "cmd_eval", crash)
+    with pytest.raises(RuntimeError):
+        rec.cli.main(["eval"])

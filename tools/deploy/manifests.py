@@ -273,132 +273,100 @@ def wait_for_input(kind: str, path: str, timeout: str, start_timeout: str = "") 
     return {"args": args}
 
 
+def _training_jobset(env: EnvValues, ds: DatasetValues, run: str, stage: str, args: list[str], **extra) -> dict:
+    """The sft or rl JobSet of a dataset on a v6e-16 slice."""
+    context = _tpu_context(
+        env, name=f"{stage}-{ds.name}-{run}", component=stage, dataset=ds.name, run=run,
+        slice_shape=V6E_16, args=args, **extra,
+    )
+    return render_template("tpu-jobset.yaml.j2", context)[0]
+
+
+def _sft_jobset(env: EnvValues, ds: DatasetValues, run: str, paths: DatasetPaths) -> dict:
+    args = ["rec", "sft", "--config", ds.sft_config, f"run.dir={paths.sft}",
+            f"model.path={DATA_MOUNT}/{ds.base_model}", f"data.dir={DATA_MOUNT}/{ds.data_dir}"]
+    return _training_jobset(env, ds, run, "sft", args, sync_wave=0)
+
+
+def _rl_jobset(env: EnvValues, ds: DatasetValues, run: str, paths: DatasetPaths) -> dict:
+    args = ["rec", "rl", "--config", ds.rl_config, f"run.dir={paths.rl}", f"model.path={paths.sft}",
+            "model.checkpoint=sft_best", f"data.dir={DATA_MOUNT}/{ds.data_dir}"]
+    wait = wait_for_input("run", paths.sft, "48h", WAIT_START_TIMEOUT)
+    return _training_jobset(env, ds, run, "rl", args, sync_wave=1, wait_for=wait)
+
+
+def _upload_job(env: EnvValues, ds: DatasetValues, run: str, paths: DatasetPaths) -> dict:
+    context = {
+        "name": f"upload-{ds.name}-{run}",
+        "namespace": env.namespace,
+        "labels": _labels("upload", ds.name, run),
+        "sync_wave": "2",
+        "image": env.image,
+        "args": ["rec", "handoff", "publish", "--run", paths.rl, "--to", paths.handoff, "--tag", ds.handoff_tag],
+        "service_account": env.service_account,
+        "ttl": env.ttl_seconds_after_finished,
+        "wait_for": wait_for_input("run", paths.rl, "96h"),
+    }
+    return render_template("upload-job.yaml.j2", context)[0]
+
+
+# The eval pod verifies the handoff's MANIFEST.json before loading anything from it. The shell line
+# is constant text; the values reach it only as environment variables.
+EVAL_SCRIPT = (
+    "set -e\n"
+    'rec handoff verify "$REC_HANDOFF"\n'
+    'exec rec eval --config "$REC_CONFIG" "run.dir=$REC_RUN_DIR" "model.path=$REC_HANDOFF" \\\n'
+    '  "model.checkpoint=$REC_TAG" "data.dir=$REC_DATA_DIR" "data.split=$REC_SPLIT"\n'
+)
+
+
+def _eval_jobset(env: EnvValues, ds: DatasetValues, run: str, paths: DatasetPaths) -> dict:
+    variables = {
+        "REC_HANDOFF": paths.handoff,
+        "REC_CONFIG": ds.eval_config,
+        "REC_RUN_DIR": paths.eval,
+        "REC_TAG": ds.handoff_tag,
+        "REC_DATA_DIR": f"{DATA_MOUNT}/{ds.data_dir}",
+        "REC_SPLIT": ds.eval_split,
+    }
+    context = _tpu_context(
+        env, name=f"eval-{ds.name}-{run}", component="eval", dataset=ds.name, run=run, slice_shape=V6E_8,
+        args=["bash", "-c", EVAL_SCRIPT], extra_env=variables, sync_wave=3,
+        wait_for=wait_for_input("handoff", paths.handoff, "120h"),
+    )
+    return render_template("tpu-jobset.yaml.j2", context)[0]
+
+
+def _workflow(env: EnvValues, ds: DatasetValues, run: str, steps: list[Step], upload_backoff: int) -> dict:
+    context = {
+        "name": f"rec-{ds.name}-{run}",
+        "namespace": env.namespace,
+        "labels": _labels("pipeline", ds.name, run),
+        "service_account": env.workflow_service_account,
+        "runner_service_account": env.service_account,
+        "image": env.image,
+        "steps": [_workflow_step(s, steps[i - 1] if i else None) for i, s in enumerate(steps)],
+        "upload_backoff_limit": upload_backoff,
+    }
+    return render_template("workflow.yaml.j2", context)[0]
+
+
 def plan_dataset(env: EnvValues, ds: DatasetValues, run: str) -> tuple[list[RenderedFile], list[Step]]:
     paths = dataset_paths(env, ds, run)
-    data_dir = f"{DATA_MOUNT}/{ds.data_dir}"
-    base_model = f"{DATA_MOUNT}/{ds.base_model}"
-    sft = render_template(
-        "tpu-jobset.yaml.j2",
-        _tpu_context(
-            env,
-            name=f"sft-{ds.name}-{run}",
-            component="sft",
-            dataset=ds.name,
-            run=run,
-            slice_shape=V6E_16,
-            args=[
-                "rec",
-                "sft",
-                "--config",
-                ds.sft_config,
-                f"run.dir={paths.sft}",
-                f"model.path={base_model}",
-                f"data.dir={data_dir}",
-            ],
-            sync_wave=0,
-        ),
-    )
-    rl = render_template(
-        "tpu-jobset.yaml.j2",
-        _tpu_context(
-            env,
-            name=f"rl-{ds.name}-{run}",
-            component="rl",
-            dataset=ds.name,
-            run=run,
-            slice_shape=V6E_16,
-            args=[
-                "rec",
-                "rl",
-                "--config",
-                ds.rl_config,
-                f"run.dir={paths.rl}",
-                f"model.path={paths.sft}",
-                "model.checkpoint=sft_best",
-                f"data.dir={data_dir}",
-            ],
-            sync_wave=1,
-            wait_for=wait_for_input("run", paths.sft, "48h", WAIT_START_TIMEOUT),
-        ),
-    )
-    upload = render_template(
-        "upload-job.yaml.j2",
-        {
-            "name": f"upload-{ds.name}-{run}",
-            "namespace": env.namespace,
-            "labels": _labels("upload", ds.name, run),
-            "sync_wave": "2",
-            "image": env.image,
-            "args": [
-                "rec",
-                "handoff",
-                "publish",
-                "--run",
-                paths.rl,
-                "--to",
-                paths.handoff,
-                "--tag",
-                ds.handoff_tag,
-            ],
-            "service_account": env.service_account,
-            "ttl": env.ttl_seconds_after_finished,
-            "wait_for": wait_for_input("run", paths.rl, "96h"),
-        },
-    )
-    # The eval pod verifies the handoff's MANIFEST.json before loading anything from it. The shell
-    # line is constant text; the values reach it only as environment variables.
-    eval_script = (
-        "set -e\n"
-        'rec handoff verify "$REC_HANDOFF"\n'
-        'exec rec eval --config "$REC_CONFIG" "run.dir=$REC_RUN_DIR" "model.path=$REC_HANDOFF" \\\n'
-        '  "model.checkpoint=$REC_TAG" "data.dir=$REC_DATA_DIR" "data.split=$REC_SPLIT"\n'
-    )
-    evaluation = render_template(
-        "tpu-jobset.yaml.j2",
-        _tpu_context(
-            env,
-            name=f"eval-{ds.name}-{run}",
-            component="eval",
-            dataset=ds.name,
-            run=run,
-            slice_shape=V6E_8,
-            args=["bash", "-c", eval_script],
-            extra_env={
-                "REC_HANDOFF": paths.handoff,
-                "REC_CONFIG": ds.eval_config,
-                "REC_RUN_DIR": paths.eval,
-                "REC_TAG": ds.handoff_tag,
-                "REC_DATA_DIR": data_dir,
-                "REC_SPLIT": ds.eval_split,
-            },
-            sync_wave=3,
-            wait_for=wait_for_input("handoff", paths.handoff, "120h"),
-        ),
-    )
+    sft, rl = _sft_jobset(env, ds, run, paths), _rl_jobset(env, ds, run, paths)
+    upload, evaluation = _upload_job(env, ds, run, paths), _eval_jobset(env, ds, run, paths)
     steps = [
-        Step("sft", f"{ds.name}/train.yaml", sft[0], ("run", paths.sft, "")),
-        Step("rl", f"{ds.name}/train.yaml", rl[0], ("run", paths.rl, "")),
-        Step("upload", f"{ds.name}/upload.yaml", upload[0], ("handoff", paths.handoff, "")),
-        Step("eval", f"{ds.name}/eval.yaml", evaluation[0], ("eval", paths.eval, ds.eval_split)),
+        Step("sft", f"{ds.name}/train.yaml", sft, ("run", paths.sft, "")),
+        Step("rl", f"{ds.name}/train.yaml", rl, ("run", paths.rl, "")),
+        Step("upload", f"{ds.name}/upload.yaml", upload, ("handoff", paths.handoff, "")),
+        Step("eval", f"{ds.name}/eval.yaml", evaluation, ("eval", paths.eval, ds.eval_split)),
     ]
-    workflow = render_template(
-        "workflow.yaml.j2",
-        {
-            "name": f"rec-{ds.name}-{run}",
-            "namespace": env.namespace,
-            "labels": _labels("pipeline", ds.name, run),
-            "service_account": env.workflow_service_account,
-            "runner_service_account": env.service_account,
-            "image": env.image,
-            "steps": [_workflow_step(s, steps[i - 1] if i else None) for i, s in enumerate(steps)],
-            "upload_backoff_limit": upload[0]["spec"]["backoffLimit"],
-        },
-    )
+    workflow = _workflow(env, ds, run, steps, upload["spec"]["backoffLimit"])
     files = [
-        RenderedFile(f"{ds.name}/train.yaml", "tpu-jobset.yaml.j2", sft + rl),
-        RenderedFile(f"{ds.name}/upload.yaml", "upload-job.yaml.j2", upload),
-        RenderedFile(f"{ds.name}/eval.yaml", "tpu-jobset.yaml.j2", evaluation),
-        RenderedFile(f"{ds.name}/workflow.yaml", "workflow.yaml.j2", workflow),
+        RenderedFile(f"{ds.name}/train.yaml", "tpu-jobset.yaml.j2", [sft, rl]),
+        RenderedFile(f"{ds.name}/upload.yaml", "upload-job.yaml.j2", [upload]),
+        RenderedFile(f"{ds.name}/eval.yaml", "tpu-jobset.yaml.j2", [evaluation]),
+        RenderedFile(f"{ds.name}/workflow.yaml", "workflow.yaml.j2", [workflow]),
     ]
     return files, steps
 

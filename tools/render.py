@@ -13,6 +13,9 @@
   pipeline  render + validate + sft -> rl -> upload -> eval, stopping at the first failure
   grpo      render + validate + GSM8K GRPO (rollout fast paths on unless ROLLOUT_FAST_*=0)
 `--dry-run` prints the plan and touches no cluster. See docs/DEPLOY.md.
+
+This file is the command line only: rendering and validation are tools/deploy/rendering.py, the
+commands that talk to a cluster tools/deploy/cluster.py (through tools/deploy/kube.py).
 """
 
 from __future__ import annotations
@@ -27,351 +30,44 @@ if str(ROOT) not in sys.path:  # run as `python tools/render.py` from anywhere
     sys.path.insert(0, str(ROOT))
 
 from rec.errors import RecError  # noqa: E402
-from tools.deploy import checks, kube, manifests, values  # noqa: E402
-
-STEP_TIMEOUTS = {"sft": 48 * 3600, "rl": 48 * 3600, "upload": 2 * 3600, "eval": 12 * 3600, "grpo": 48 * 3600}
-STEPS_OF = {
-    "train": ["sft", "rl"],
-    "upload": ["upload"],
-    "eval": ["eval"],
-    "pipeline": ["sft", "rl", "upload", "eval"],
-    "grpo": ["grpo"],
-}
-
-
-def _datasets(arg: str, values_dir: pathlib.Path) -> list[str]:
-    if arg == "all":
-        return values.list_datasets(values_dir)
-    return [arg]
-
-
-def render_all(
-    env_name: str,
-    dataset_arg: str,
-    run: str | None,
-    out_dir: pathlib.Path,
-    values_dir: pathlib.Path | None = None,
-    environ: dict | None = None,
-    write: bool = True,
-    config_root: pathlib.Path | None = None,
-):
-    """Render the dataset(s), GRPO, the Argo CD Application and the cluster setup; write them to
-    `out_dir` unless `write` is false (status/wait only need the names). Values come from
-    `values_dir` (default k8s/values), the run configs they name from `config_root` (default this
-    checkout); every value and named config is checked before anything is written.
-    Returns (env values, written paths, {dataset or "grpo": {step name: Step}})."""
-    values_dir = values.VALUES_DIR if values_dir is None else values_dir
-    env = values.load_env(env_name, values_dir)
-    run_name = values.check_run(run, "--run / RUN") if run else env.run
-    files: list[manifests.RenderedFile] = []
-    steps: dict[str, dict[str, manifests.Step]] = {}
-    for name in _datasets(dataset_arg, values_dir):
-        ds = values.load_dataset(name, values_dir, config_root)
-        ds_files, ds_steps = manifests.plan_dataset(env, ds, run_name)
-        files += ds_files
-        steps[name] = {s.name: s for s in ds_steps}
-    grpo = values.load_grpo("gsm8k", values_dir, config_root)
-    grpo_files, grpo_steps = manifests.plan_grpo(env, grpo, run_name, environ)
-    files += grpo_files
-    steps["grpo"] = {s.name: s for s in grpo_steps}
-    files += manifests.plan_argocd(env)
-    files += manifests.plan_cluster(env)
-    paths = manifests.write_rendered(files, out_dir, env_name) if write else []
-    return env, paths, steps
-
-
-def validate_files(
-    paths: list[pathlib.Path],
-    crd_path: pathlib.Path | None = checks.CRD_PATH,
-    config_root: pathlib.Path | None = None,
-) -> list[str]:
-    """Problems of every file, as `file: Kind/name: [rule] message` lines (run configs the manifests
-    name are looked up under `config_root`, default this checkout)."""
-    problems = []
-    objects: list[tuple[pathlib.Path, dict]] = []
-    by_dir: dict[pathlib.Path, dict[str, dict]] = {}
-    workflows = []
-    for path in paths:
-        try:
-            docs = manifests.read_rendered(path)
-        except RecError as exc:
-            problems.append(str(exc))
-            continue
-        for doc in docs:
-            label = checks.object_label(doc) if isinstance(doc, dict) else "?"
-            problems += [f"{_rel(path)}: {label}: {p}" for p in checks.check_document(doc, crd_path)]
-            if isinstance(doc, dict) and doc.get("kind") == "Workflow":
-                workflows.append((path, doc))
-            elif isinstance(doc, dict):
-                by_dir.setdefault(path.parent, {})[label] = doc
-                objects.append((path, doc))
-    # The Workflow must create exactly what the standalone files say (one source of truth).
-    for path, wf in workflows:
-        _, embedded = checks.check_workflow(wf, None)
-        siblings = by_dir.get(path.parent, {})
-        for manifest in embedded:
-            label = checks.object_label(manifest)
-            if label not in siblings:  # validated without its standalone file: check its configs here
-                objects.append((path, manifest))
-            elif siblings[label] != manifest:
-                problems.append(
-                    f"{_rel(path)}: {checks.object_label(wf)}: [workflow] embedded {label} differs from "
-                    f"the one in {path.parent.name}/ (render both from the same values)"
-                )
-    problems += config_problems(objects, values.CONFIG_ROOT if config_root is None else config_root)
-    return problems
-
-
-def _as_list(value) -> list:
-    return value if isinstance(value, list) else []
-
-
-def _run_refs(doc: dict) -> tuple[str, list[str], str]:
-    """(component, run configs, handoff tag) a JobSet or Job names: `rec <stage> --config X`
-    arguments, the eval pod's REC_CONFIG, and `rec handoff publish --tag T` / REC_TAG."""
-    component = str(((doc.get("metadata") or {}).get("labels") or {}).get("app.kubernetes.io/component", ""))
-    configs, tag = [], ""
-    for container in checks.containers(doc):
-        args = [str(a) for key in ("command", "args") for a in _as_list(container.get(key))]
-        for flag, arg in zip(args, args[1:], strict=False):
-            if flag == "--config":
-                configs.append(arg)
-            elif flag == "--tag" and args[:3] == ["rec", "handoff", "publish"]:
-                tag = arg
-        for var in _as_list(container.get("env")):
-            if not isinstance(var, dict):
-                continue
-            if var.get("name") == "REC_CONFIG" and "value" in var:
-                configs.append(str(var["value"]))
-            elif var.get("name") == "REC_TAG" and "value" in var:
-                tag = str(var["value"])
-    return component, configs, tag
-
-
-def config_problems(objects: list[tuple[pathlib.Path, dict]], root: pathlib.Path) -> list[str]:
-    """Run configs the manifests name: each must be in the checkout (the image is built from it) and
-    load with rec.config.load_config; the eval pod's must be an eval config; the handoff tag must
-    be one the RL run of the same dataset produces."""
-    problems = []
-    rl_config: dict[pathlib.Path, tuple[str, object]] = {}
-    tags = []
-    for path, doc in objects:
-        component, configs, tag = _run_refs(doc)
-        where = f"{_rel(path)}: {checks.object_label(doc)}: [run-config]"
-        for name in configs:
-            try:
-                cfg = values.load_run_config(name, f"{where} config", root)
-            except RecError as exc:
-                problems.append(str(exc))
-                continue
-            if component == "eval":
-                problem = values.eval_config_problem(name, root)
-                if problem:
-                    problems.append(f"{where} config = {name!r}: {problem}")
-            elif component == "rl":
-                rl_config[path.parent] = (name, cfg)
-        if tag:
-            tags.append((path, where, tag))
-    for path, where, tag in tags:
-        if path.parent in rl_config:
-            name, cfg = rl_config[path.parent]
-            problem = values.handoff_tag_problem(tag, cfg, name)
-        elif tag not in (values.RL_TAG_LAST, values.RL_TAG_BEST):
-            problem = f"not a tag the RL run produces ({values.RL_TAG_LAST} or {values.RL_TAG_BEST})"
-        else:
-            problem = ""
-        if problem:
-            problems.append(f"{where} handoff tag = {tag!r}: {problem}")
-    return problems
-
-
-def _rel(path: pathlib.Path) -> str:
-    try:
-        return str(path.resolve().relative_to(ROOT))
-    except ValueError:
-        return str(path)
-
-
-def _rendered_paths(out_dir: pathlib.Path) -> list[pathlib.Path]:
-    return sorted(p for p in out_dir.rglob("*.yaml") if p.is_file())
-
-
-def _check_or_raise(paths: list[pathlib.Path], crd_path: pathlib.Path | None) -> None:
-    problems = validate_files(paths, crd_path)
-    for line in problems:
-        print(line, file=sys.stderr)
-    if problems:
-        raise RecError(f"{len(problems)} problem(s) in the rendered manifests (listed above)")
-
-
-def _crd(args) -> pathlib.Path | None:
-    """The JobSet CRD to check against, loaded up front. A --crd the user names must exist and be
-    the JobSet CRD; only the default location (../shared/k8s/, absent outside the workspace) may be
-    missing, in which case the schema check is skipped with a note."""
-    if not args.crd and not checks.CRD_PATH.is_file():
-        print(
-            f"note: {checks.CRD_PATH} not found: JobSet CRD schema check skipped "
-            "(batch/v1 and GKE rules still run)",
-            file=sys.stderr,
-        )
-        return None
-    path = pathlib.Path(args.crd) if args.crd else checks.CRD_PATH
-    if args.crd and not path.is_file():
-        raise RecError(f"--crd {args.crd}: file not found")
-    checks.crd_validator(str(path))  # a file that is not the JobSet CRD: one line, before any work
-    return path
-
-
-def _timeouts(args) -> dict[str, float]:
-    if args.timeout:
-        return {
-            "default": kube.parse_duration(args.timeout),
-            **{k: kube.parse_duration(args.timeout) for k in STEP_TIMEOUTS},
-        }
-    return dict(STEP_TIMEOUTS)
-
-
-def _select_steps(action: str, steps: dict, dataset: str) -> list[manifests.Step]:
-    if action == "grpo":
-        return [steps["grpo"]["grpo"]]
-    return [steps[dataset][name] for name in STEPS_OF[action]]
-
-
-def _client(args, env) -> kube.KubeClient:
-    hint = f"gcloud container clusters get-credentials {env.cluster} --location {env.location} --project {env.project}"
-    return kube.KubeClient(
-        context=args.context or env.context, kubeconfig=args.kubeconfig, credentials_hint=hint
-    )
+from tools.deploy import checks, manifests  # noqa: E402
+from tools.deploy.cluster import (  # noqa: E402
+    STEPS_OF,
+    cmd_logs,
+    cmd_preflight,
+    cmd_run,
+    cmd_status,
+    cmd_submit,
+    cmd_wait,
+)
+from tools.deploy.rendering import (  # noqa: E402,F401 (render_all, validate_files: the API tests use)
+    check_or_raise,
+    crd_for,
+    display_path,
+    render_all,
+    rendered_paths,
+    validate_files,
+)
 
 
 def cmd_render(args) -> None:
     _, paths, _ = render_all(args.env, args.dataset, args.run, pathlib.Path(args.out))
     for path in paths:
-        print(_rel(path))
+        print(display_path(path))
 
 
 def cmd_validate(args) -> None:
-    crd = _crd(args)
-    paths = [pathlib.Path(p) for p in args.paths] or _rendered_paths(pathlib.Path(args.out))
+    crd = crd_for(args)
+    paths = [pathlib.Path(p) for p in args.paths] or rendered_paths(pathlib.Path(args.out))
     if not paths:
         raise RecError(f"{args.out}: no rendered manifests (run `make render`)")
-    _check_or_raise(paths, crd)
+    check_or_raise(paths, crd)
     argo = all(path.is_file() for path, _, _ in checks.ARGO_CRDS.values())
     print(
         f"ok: {len(paths)} file(s) valid (JobSet CRD schema{' ' if crd else ' skipped, '}strict, "
         f"Argo Workflow/Application CRD schemas{' ' if argo else ' skipped, '}strict, batch/v1 strict, "
         f"{len(checks.GKE_RULES)} GKE TPU rules)"
     )
-
-
-def cmd_run(args) -> None:
-    """train | upload | eval | pipeline | grpo: render, validate, then run the steps."""
-    dataset = args.dataset
-    if args.action != "grpo" and dataset == "all":
-        raise RecError(f"{args.action}: pick one dataset (DATASET=industrial or office), not 'all'")
-    crd = _crd(args)
-    env, paths, steps = render_all(
-        args.env, dataset if args.action != "grpo" else args.dataset, args.run, pathlib.Path(args.out)
-    )
-    _check_or_raise(paths, crd)
-    selected = _select_steps(args.action, steps, dataset)
-    client = None if args.dry_run else _client(args, env)
-    if client is not None:
-        kube.preflight(client, selected)
-
-    def hint(step):
-        return kube.logs_hint(step, args.context or env.context, env.cluster, env.project)
-
-    kube.run_steps(
-        client,
-        selected,
-        _timeouts(args),
-        poll=args.poll,
-        dry_run=args.dry_run,
-        progress=not args.no_progress,
-        log_hint=hint,
-    )
-    if not args.dry_run:
-        print(f"{args.action}: done")
-
-
-def cmd_submit(args) -> None:
-    crd = _crd(args)
-    env, paths, steps = render_all(args.env, args.dataset, args.run, pathlib.Path(args.out))
-    _check_or_raise(paths, crd)
-    step = _one_step(args, steps)
-    if args.dry_run:
-        print(f"would create {step.kind} {step.namespace}/{step.object_name} from k8s/rendered/{step.file}")
-        return
-    if not kube.outputs_pending(step):
-        print(f"{step.name}: outputs at {step.outputs[1]} are done; nothing to submit")
-        return
-    client = _client(args, env)
-    if client.get(step.kind, step.namespace, step.object_name) is not None:
-        print(f"{step.kind} {step.namespace}/{step.object_name} already exists")
-        return
-    kube.preflight(client, [step])
-    client.create(step.doc)
-    print(f"created {step.kind} {step.namespace}/{step.object_name}")
-
-
-def cmd_wait(args) -> None:
-    env, _, steps = render_all(args.env, args.dataset, args.run, pathlib.Path(args.out), write=False)
-    step = _one_step(args, steps)
-    client = _client(args, env)
-    timeout = _timeouts(args).get(step.name, 48 * 3600)
-    hint = kube.logs_hint(step, args.context or env.context, env.cluster, env.project)
-    state = kube.wait_for(client, step, timeout, args.poll, progress=not args.no_progress, hint=hint)
-    if state.phase == "Failed":
-        raise RecError(
-            f"{step.kind} {step.namespace}/{step.object_name} failed ({state.message or 'no reason given'}); logs: {hint}"
-        )
-    print(f"{step.kind} {step.namespace}/{step.object_name}: {state.phase}")
-
-
-def cmd_preflight(args) -> None:
-    env, _, steps = render_all(args.env, args.dataset, args.run, pathlib.Path(args.out), write=False)
-    client = _client(args, env)
-    kube.preflight(client, [s for by_name in steps.values() for s in by_name.values()])
-    print(f"ok: {client.context or 'current context'}: JobSet controller >= {kube.MIN_JOBSET_VERSION} (CRD {kube.JOBSET_CRD})")
-
-
-def cmd_status(args) -> None:
-    env, _, steps = render_all(args.env, args.dataset, args.run, pathlib.Path(args.out), write=False)
-    wanted = [s for name in _datasets(args.dataset, values.VALUES_DIR) for s in steps[name].values()]
-    wanted += list(steps["grpo"].values())
-    if args.dry_run:
-        for step in wanted:
-            print(f"would read {step.kind} {step.namespace}/{step.object_name}")
-        return
-    for line in kube.status_lines(_client(args, env), wanted):
-        print(line)
-
-
-def cmd_logs(args) -> None:
-    env, _, steps = render_all(args.env, args.dataset, args.run, pathlib.Path(args.out), write=False)
-    client = _client(args, env)
-    if args.step:
-        step = _one_step(args, steps)
-    else:  # the latest step of the pipeline that was submitted
-        order = list(steps[args.dataset].values()) if args.dataset != "all" else []
-        submitted = [s for s in order if client.get(s.kind, s.namespace, s.object_name) is not None]
-        if not submitted:
-            raise RecError(
-                f"nothing of {args.dataset} run {args.run or env.run} was submitted yet; "
-                "name a step with STEP=sft|rl|upload|eval|grpo (make logs STEP=grpo)"
-            )
-        step = submitted[-1]
-    for line in kube.log_lines(client, step, args.tail):
-        print(line)
-
-
-def _one_step(args, steps) -> manifests.Step:
-    if args.step == "grpo":
-        return steps["grpo"]["grpo"]
-    if args.dataset == "all":
-        raise RecError("--dataset: pick one dataset, not 'all'")
-    return steps[args.dataset][args.step]
 
 
 def build_parser() -> argparse.ArgumentParser:

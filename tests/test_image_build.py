@@ -191,15 +191,15 @@ def _entrypoint_pid(root_pid: int, marker: str) -> int | None:
     return None
 
 
-def test_sigterm_during_sft_saves_a_checkpoint_and_exits_143(image, container):
-    uid = 1000
+@pytest.mark.parametrize("uid", [1000, 0])
+def test_sigterm_during_sft_saves_a_checkpoint_and_exits_143(image, container, uid):
     work = container["rootfs"] / "work"
-    data = "runs/sigterm-data"
+    data = f"runs/sigterm-data-{uid}"
     assert _in_image(container, image, uid, "rec", "data", "synth", "--out", data, "--users", "60", "--items", "24",
                      timeout=300).returncode == 0
     assert _in_image(container, image, uid, "rec", "tokenizer", "build", "--dataset", data, "--out", f"{data}/tokenizer",
                      timeout=300).returncode == 0, "tokenizer"
-    run = "runs/sigterm-sft"
+    run = f"runs/sigterm-sft-{uid}"
     proc = _in_image(container, image, uid, "rec", "sft", "--config", "configs/tiny/sft.yaml", f"run.dir={run}",
                      f"data.dir={data}", f"model.tokenizer={data}/tokenizer", "run.progress=false", "train.steps=100000",
                      "checkpoint.every_steps=100000", popen=True)
@@ -223,4 +223,5 @@ def test_sigterm_during_sft_saves_a_checkpoint_and_exits_143(image, container):
     assert status == 143, output[-3000:]
     assert "stopped by SIGTERM at step" in output, output[-3000:]
     saved = [p.name for p in (work / run / "checkpoints" / "sft_last").iterdir() if p.name.isdigit()]
-    assert saved, output[-3000:]
+    assert saved and (work / run).stat().st_uid == uid, output[-3000:]
+    assert not (work / run / "COMPLETED.json").exists()  # stopped, not finished

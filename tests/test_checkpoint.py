@@ -11,7 +11,7 @@ from rec import checkpoint, dist
 from rec.config import TrainConfig
 from rec.errors import RecError
 from rec.model.qwen2 import PARTITION_RULES, SHAPES, init_params, shape_with_vocab
-from rec.train.loop import make_train_step
+from rec.train.step import make_train_step
 from rec.train.optim import make_optimizer
 from rec.train.state import TrainState, abstract_state, init_state
 

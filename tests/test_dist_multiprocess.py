@@ -29,7 +29,7 @@ WORKER = textwrap.dedent(
     from jax.sharding import PartitionSpec as P
     from rec import checkpoint, dist
     from rec.config import TrainConfig
-    from rec.train.loop import make_train_step
+    from rec.train.step import make_train_step
     from rec.train.optim import make_optimizer
     from rec.train.state import abstract_state, init_state
 

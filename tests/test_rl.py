@@ -64,7 +64,7 @@ def test_mix_reference_and_unsplit():
     ref = {"w": jnp.array([1.0, 2.0])}
     pol = {"w": jnp.array([3.0, 6.0])}
     np.testing.assert_allclose(RL.mix_reference(ref, pol, 0.6)["w"], [0.4 * 1 + 0.6 * 3, 0.4 * 2 + 0.6 * 6])
-    from rec.train.loop import split_micro_batches
+    from rec.train.step import split_micro_batches
 
     x = jnp.arange(24).reshape(12, 2)
     np.testing.assert_array_equal(RL.unsplit_micro_batches(split_micro_batches({"x": x}, 3)["x"]), x)

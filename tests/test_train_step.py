@@ -7,7 +7,7 @@ import pytest
 
 from rec import dist
 from rec.config import TrainConfig
-from rec.train.loop import (
+from rec.train.step import (
     IGNORE_INDEX,
     chunked_token_logprobs,
     make_eval_step,

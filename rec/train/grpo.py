@@ -259,7 +259,7 @@ def run_grpo(cfg) -> dict:
         save_rollout_last,
     )
     from rec.train.logging import MetricsLogger, merge_run_summary
-    from rec.train.loop import make_train_step
+    from rec.train.step import make_train_step
     from rec.train.optim import make_optimizer
     from rec.train.state import init_state, state_shardings
 

@@ -129,7 +129,7 @@ def completion_logprobs(
     """f32 [B, N] log-probs of `completion_ids` after left-padded `prompt_ids` (full vocabulary,
     temperature 1). Completion padding (mask 0) gets 0; callers mask it anyway."""
     from rec.model.qwen2 import forward, logits_from_hidden, positions_from_mask
-    from rec.train.loop import IGNORE_INDEX, chunked_token_logprobs
+    from rec.train.step import IGNORE_INDEX, chunked_token_logprobs
 
     prompt_len = prompt_ids.shape[1]
     num_new = completion_ids.shape[1]

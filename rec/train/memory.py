@@ -32,7 +32,7 @@ from rec.errors import RecError
 log = logging.getLogger("rec.train")
 
 GIB = float(1 << 30)
-LOGITS_CHUNK = 128  # positions per logits block in rec.train.loop.chunked_token_logprobs
+LOGITS_CHUNK = 128  # positions per logits block in rec.train.step.chunked_token_logprobs
 
 
 @dataclass(frozen=True)

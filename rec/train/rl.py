@@ -146,7 +146,7 @@ def mix_reference(ref_params, params, alpha: float):
 
 
 def unsplit_micro_batches(x: jax.Array) -> jax.Array:
-    """Inverse of rec.train.loop.split_micro_batches: [M, B/M, ...] -> [B, ...]."""
+    """Inverse of rec.train.step.split_micro_batches: [M, B/M, ...] -> [B, ...]."""
     return jnp.swapaxes(x, 0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
@@ -277,7 +277,7 @@ def _eval_every(cfg, total_steps: int) -> int:
 
 
 def make_loss_fn(shape, compute_dtype, remat: bool, beta: float, clip: bool, clip_eps: float):
-    """loss_fn(params, micro_batch, extra) for rec.train.loop: the policy loss of rec_policy_loss."""
+    """loss_fn(params, micro_batch, extra) for rec.train.step: the policy loss of rec_policy_loss."""
 
     def loss_fn(params, mb, extra):
         del extra
@@ -296,7 +296,7 @@ def make_loss_fn(shape, compute_dtype, remat: bool, beta: float, clip: bool, cli
 
 def make_score_fn(shape, compute_dtype, num_micro: int):
     """jitted (params, batch) -> [B, N] completion log-probs, computed micro-batch by micro-batch."""
-    from rec.train.loop import split_micro_batches
+    from rec.train.step import split_micro_batches
 
     def score(params, batch):
         keys = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
@@ -346,13 +346,13 @@ def build_train_batch(setup: _Setup, prompt_ids, prompt_mask, sid_ids, advantage
 class StepFunctions:
     """The jitted pieces of one RL step (compiled once per prompt bucket)."""
 
-    train_step: object  # rec.train.loop step: (state, batch) -> (state, metrics)
+    train_step: object  # rec.train.step step: (state, batch) -> (state, metrics)
     score_fn: object  # (params, batch) -> completion log-probs [B, N]
     mix: object  # (ref, params, alpha) -> ref
 
 
 def make_step_functions(setup: _Setup, optimizer, shardings, param_sh) -> StepFunctions:
-    from rec.train.loop import make_train_step
+    from rec.train.step import make_train_step
 
     rl = setup.cfg.rl
     num_micro = setup.cfg.train.batch_size // setup.micro_prompts

@@ -33,7 +33,7 @@ from rec.dist.preemption import Preempted, PreemptionGuard
 from rec.errors import RecError
 from rec.train.common import check_run_dir, load_model_and_tokenizer, prepare_run_dir
 from rec.train.logging import MetricsLogger, merge_run_summary
-from rec.train.loop import chunked_token_logprobs, make_eval_step, make_train_step, shift_labels
+from rec.train.step import chunked_token_logprobs, make_eval_step, make_train_step, shift_labels
 from rec.train.optim import make_optimizer
 from rec.train.state import abstract_state, init_state
 
@@ -48,7 +48,7 @@ BATCH_KEYS = ("input_ids", "labels", "attention_mask", "positions", "weights", "
 
 
 def make_sft_loss(shape, compute_dtype: str = "bfloat16", remat: bool = True, chunk: int = 128, dropout: float = 0.0):
-    """loss_fn(params, batch, extra) for rec.train.loop: token-mean cross entropy over labels != -100
+    """loss_fn(params, batch, extra) for rec.train.step: token-mean cross entropy over labels != -100
     of rows with weight > 0, computed from hidden states a sequence chunk at a time (f32
     log-softmax over the full vocabulary; padded vocabulary rows are -inf).
 
